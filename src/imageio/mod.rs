@@ -1,0 +1,1 @@
+//! The embedded imageio-compatible data server (issue 3; not built yet).

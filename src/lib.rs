@@ -1,0 +1,23 @@
+//! nbdbridge: serve oVirt image transfers to any NBD client.
+//!
+//! # Layout
+//! - [`nbd`]: a modern NBD server (fixed newstyle, structured replies,
+//!   extended headers, meta contexts, many requests in flight). It knows
+//!   nothing of HTTP or oVirt: it validates requests and calls a [`Backend`].
+//! - [`backend`]: the [`Backend`] trait and its implementations (a local
+//!   file; the imageio HTTP client).
+//! - [`store`]: positional I/O on local image files, shared by the file
+//!   backend and the embedded data server.
+//! - [`imageio`]: the embedded imageio-compatible data server.
+//! - [`shutdown`] and [`telemetry`]: orderly stop and logging.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod imageio;
+pub mod nbd;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use backend::Backend;

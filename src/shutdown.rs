@@ -1,0 +1,60 @@
+//! An orderly stop: one [`Shutdown`] handle is cloned into every task; any
+//! clone can trigger it, all can wait for it.
+
+use tokio::sync::watch;
+
+/// A cheap, cloneable shutdown signal.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    tx: std::sync::Arc<watch::Sender<bool>>,
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A new, untriggered signal.
+    pub fn new() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Shutdown {
+            tx: std::sync::Arc::new(tx),
+            rx,
+        }
+    }
+
+    /// Tell every holder to stop.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether the stop was asked for.
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Wait until the stop is asked for.
+    pub async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        // An error means every sender is gone: nobody can trigger any more,
+        // which we treat as a stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Wait for SIGINT or SIGTERM.
+///
+/// # Errors
+/// The signal handlers cannot be installed.
+pub async fn signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    })
+}

@@ -1,0 +1,368 @@
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Largest zero buffer written when the filesystem cannot zero a range.
+const ZERO_BUF: usize = 1024 * 1024;
+
+/// One run of an image with the same allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreExtent {
+    /// Start offset.
+    pub offset: u64,
+    /// Length, never 0.
+    pub len: u64,
+    /// `true` for a hole (reads as zeroes, not allocated).
+    pub hole: bool,
+}
+
+/// A raw image file opened for positional I/O.
+#[derive(Debug)]
+pub struct FileStore {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    writable: bool,
+}
+
+impl FileStore {
+    /// Open `path`; with `writable`, for reading and writing.
+    ///
+    /// # Errors
+    /// The file cannot be opened or is not a regular file or block device.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let meta = file.metadata()?;
+        let size = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            // Block devices report 0 in metadata; ask the kernel.
+            let end = unsafe_lseek(&file, 0, libc::SEEK_END)?;
+            unsafe_lseek(&file, 0, libc::SEEK_SET)?;
+            end
+        };
+        Ok(FileStore {
+            file,
+            path: path.to_path_buf(),
+            size,
+            writable,
+        })
+    }
+
+    /// Create (or truncate to) a sparse file of `size` bytes and open it.
+    ///
+    /// # Errors
+    /// The file cannot be created or sized.
+    pub fn create(path: &Path, size: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(size)?;
+        Ok(FileStore {
+            file,
+            path: path.to_path_buf(),
+            size,
+            writable: true,
+        })
+    }
+
+    /// Size of the image in bytes, as it was at open.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Where the image lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file was opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Fill `buf` from `offset`. Bytes past the end of the file read as zeroes.
+    ///
+    /// # Errors
+    /// The read failed.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some(rest) = buf.get_mut(done..) else {
+                break;
+            };
+            match self.file.read_at(rest, offset + done as u64) {
+                Ok(0) => {
+                    rest.fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write all of `data` at `offset`.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Make `len` bytes at `offset` read as zeroes. With `punch`, deallocate
+    /// them (hole); otherwise keep them allocated. With `fast`, fail with
+    /// `EOPNOTSUPP` instead of writing zeroes when the filesystem cannot zero
+    /// the range by itself.
+    ///
+    /// # Errors
+    /// The filesystem failed, or (`fast`) cannot zero quickly.
+    pub fn zero(&self, offset: u64, len: u64, punch: bool, fast: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if punch {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if !is_unsupported(&e) => return Err(e),
+            Err(_) => {}
+        }
+        if !punch {
+            // Punch then allocate gives allocated zeroes on filesystems
+            // without ZERO_RANGE.
+            let punched = self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            );
+            if punched.is_ok() && self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
+                return Ok(());
+            }
+        }
+        if fast {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        self.write_zeroes(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; ZERO_BUF.min(usize::try_from(len).unwrap_or(ZERO_BUF))];
+        let mut done = 0u64;
+        while done < len {
+            let step = (len - done).min(zeroes.len() as u64) as usize;
+            self.file
+                .write_all_at(zeroes.get(..step).unwrap_or(&zeroes), offset + done)?;
+            done += step as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset).map_err(|_| einval())?;
+        let n = libc::off_t::try_from(len).map_err(|_| einval())?;
+        loop {
+            // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    /// Ask the kernel to read `len` bytes at `offset` ahead (`POSIX_FADV_WILLNEED`).
+    ///
+    /// # Errors
+    /// The advice was refused.
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset).map_err(|_| einval())?;
+        let n = libc::off_t::try_from(len).map_err(|_| einval())?;
+        // SAFETY: posix_fadvise on a valid, owned descriptor; no memory is passed.
+        let rc = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+
+    /// Make completed writes durable (`fdatasync`).
+    ///
+    /// # Errors
+    /// The sync failed.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Allocation of `offset..offset+len` (clamped to the size), from
+    /// `SEEK_DATA`/`SEEK_HOLE`, merged, at most `max_count` extents. The
+    /// extents are contiguous from `offset`; the last ends at
+    /// `min(offset+len, size)` unless `max_count` cut the list short.
+    ///
+    /// # Errors
+    /// `lseek` failed with something other than "not supported".
+    pub fn extents(&self, offset: u64, len: u64, max_count: usize) -> io::Result<Vec<StoreExtent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<StoreExtent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max_count.max(1) {
+            let (hole, next) = match self.next_boundary(pos) {
+                Ok(v) => v,
+                Err(e) if is_unsupported(&e) => (false, end),
+                Err(e) => return Err(e),
+            };
+            let next = next.min(end).max(pos + 1);
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len += next - pos,
+                _ => out.push(StoreExtent {
+                    offset: pos,
+                    len: next - pos,
+                    hole,
+                }),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    /// Status at `pos` and where it changes.
+    fn next_boundary(&self, pos: u64) -> io::Result<(bool, u64)> {
+        let data = match self.seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data after pos: a hole to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((true, self.size)),
+            Err(e) => return Err(e),
+        };
+        if data > pos {
+            return Ok((true, data));
+        }
+        let hole = match self.seek(pos, libc::SEEK_HOLE) {
+            Ok(h) => h,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
+            Err(e) => return Err(e),
+        };
+        Ok((false, hole))
+    }
+
+    fn seek(&self, pos: u64, whence: libc::c_int) -> io::Result<u64> {
+        let off = libc::off_t::try_from(pos).map_err(|_| einval())?;
+        // SAFETY: lseek on a valid, owned descriptor. Every I/O in this module
+        // is positional, so moving the shared file offset is harmless.
+        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc as u64)
+        }
+    }
+}
+
+fn unsafe_lseek(file: &File, off: libc::off_t, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: lseek on a valid descriptor owned by `file`.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as u64)
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(size: u64) -> (tempfile::TempDir, FileStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::create(&dir.path().join("img"), size).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn new_file_is_one_hole() {
+        let (_d, s) = store(1 << 20);
+        let ext = s.extents(0, 1 << 20, 100).unwrap();
+        assert_eq!(
+            ext,
+            vec![StoreExtent {
+                offset: 0,
+                len: 1 << 20,
+                hole: true
+            }]
+        );
+    }
+
+    #[test]
+    fn data_then_punch() {
+        let (_d, s) = store(4 << 20);
+        s.write_at(1 << 20, &vec![7u8; 1 << 20]).unwrap();
+        let ext = s.extents(0, 4 << 20, 100).unwrap();
+        assert_eq!(ext.len(), 3, "{ext:?}");
+        assert!(ext[0].hole && !ext[1].hole && ext[2].hole);
+        assert_eq!((ext[1].offset, ext[1].len), (1 << 20, 1 << 20));
+        let mut buf = vec![1u8; 16];
+        s.read_at((1 << 20) + 5, &mut buf).unwrap();
+        assert_eq!(buf, vec![7u8; 16]);
+        s.zero(1 << 20, 1 << 20, true, false).unwrap();
+        s.read_at((1 << 20) + 5, &mut buf).unwrap();
+        assert_eq!(buf, vec![0u8; 16]);
+        let ext = s.extents(0, 4 << 20, 100).unwrap();
+        assert_eq!(ext.len(), 1, "{ext:?}");
+    }
+
+    #[test]
+    fn zero_keeps_allocation_without_punch() {
+        let (_d, s) = store(1 << 20);
+        s.write_at(0, &vec![9u8; 1 << 20]).unwrap();
+        s.zero(4096, 8192, false, false).unwrap();
+        let mut buf = vec![1u8; 8192];
+        s.read_at(4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let ext = s.extents(0, 1 << 20, 100).unwrap();
+        assert!(ext.iter().all(|e| !e.hole), "{ext:?}");
+    }
+
+    #[test]
+    fn extents_clamp_and_cap() {
+        let (_d, s) = store(1 << 20);
+        s.write_at(0, &[1u8; 4096]).unwrap();
+        let ext = s.extents(100, 10 << 20, 1).unwrap();
+        assert_eq!(ext.len(), 1);
+        assert_eq!(ext[0].offset, 100);
+        let ext = s.extents(0, 10 << 20, 10).unwrap();
+        let end = ext.last().map(|e| e.offset + e.len).unwrap();
+        assert_eq!(end, 1 << 20);
+    }
+
+    #[test]
+    fn read_past_eof_is_zero() {
+        let (_d, s) = store(10);
+        let mut buf = vec![5u8; 20];
+        s.read_at(5, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+}

@@ -1,0 +1,23 @@
+//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
+
+use tracing_subscriber::EnvFilter;
+
+/// Install the stderr subscriber once. Later calls do nothing.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Show at most the first 8 characters of a secret (ticket ids, tokens).
+pub fn redact(secret: &str) -> String {
+    let head: String = secret.chars().take(8).collect();
+    if head.len() < secret.len() {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
