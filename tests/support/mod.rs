@@ -1,0 +1,201 @@
+//! Shared harness for the integration tests: start our binary and real tools,
+//! read contract lines, wait on conditions with deadlines, stop everything
+//! in `Drop`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a server may take to print its contract line.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The `nbdbridge` binary cargo built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nbdbridge"))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test venv's python (ovirt-imageio, ovirt-engine-sdk-python).
+pub fn venv_python() -> PathBuf {
+    repo().join(".venv/bin/python")
+}
+
+/// Debian's own python3, which has the libnbd binding (python3-libnbd).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Whether `tool` can run. Missing tools skip a test on a developer machine,
+/// but fail it under CI (`CI=true`), where the test script installed them.
+pub fn require(tool: &str) -> bool {
+    let found = if tool.contains('/') {
+        Path::new(tool).exists()
+    } else {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is required under CI; scripts/test installs it"
+        );
+        eprintln!("skipping: {tool} is not installed (run scripts/test)");
+    }
+    found
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// The first stdout line (the contract line), if one was awaited.
+    pub first_line: String,
+    /// The rest of stdout, line by line, read by a thread.
+    pub lines: Option<mpsc::Receiver<String>>,
+    name: String,
+}
+
+impl Proc {
+    /// Start `cmd` (stdout piped, stderr inherited) and wait for its first
+    /// stdout line.
+    pub fn start_announcing(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = Proc {
+            child: Some(child),
+            first_line: String::new(),
+            lines: None,
+            name: name.to_string(),
+        };
+        match rx.recv_timeout(START_DEADLINE) {
+            Ok(line) => proc.first_line = line,
+            Err(_) => {
+                let status = proc.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                panic!("{name} printed no first line within {START_DEADLINE:?} (exit: {status:?})");
+            }
+        }
+        proc.lines = Some(rx);
+        proc
+    }
+
+    /// Start `cmd` without waiting for output.
+    pub fn start(name: &str, mut cmd: Command) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child: Some(child),
+            first_line: String::new(),
+            lines: None,
+            name: name.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Send a signal (e.g. `libc::SIGTERM` = 15, SIGKILL = 9) via `kill`.
+    pub fn signal(&self, sig: i32) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Wait for the process to exit within `deadline`; its exit status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("process running");
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < end, "{} did not exit within {deadline:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill").arg("-15").arg(child.id().to_string()).status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Poll `cond` until it holds or `deadline` passes (then panic naming `what`).
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `cmd` to completion and assert it succeeded; its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for test images.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
