@@ -1,7 +1,10 @@
 //! A local raw file as an NBD backend: used by `serve --file`, the tests and
 //! the benches.
 
-use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Result, ZeroFlags};
+use super::{
+    Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, ReadChunk, Result,
+    SPARSE_READ_EXTENTS, ZeroFlags, plan_sparse_read,
+};
 use crate::store::FileStore;
 use bytes::{Bytes, BytesMut};
 use std::path::Path;
@@ -35,7 +38,10 @@ impl FileBackend {
         match tokio::task::spawn_blocking(move || f(&store)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Error::io(what, e)),
-            Err(e) => Err(Error::new(ErrorKind::Io, format!("{what}: worker failed: {e}"))),
+            Err(e) => Err(Error::new(
+                ErrorKind::Io,
+                format!("{what}: worker failed: {e}"),
+            )),
         }
     }
 }
@@ -57,6 +63,36 @@ impl Backend for FileBackend {
             let mut buf = BytesMut::zeroed(len);
             s.read_at(offset, &mut buf)?;
             Ok(buf.freeze())
+        })
+        .await
+    }
+
+    async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        // One trip to the blocking pool: find the holes, read the rest.
+        self.blocking("read", move |s| {
+            let extents: Vec<Extent> = s
+                .extents(offset, len as u64, SPARSE_READ_EXTENTS)
+                .unwrap_or_default()
+                .into_iter()
+                .map(to_extent)
+                .collect();
+            let mut chunks = Vec::new();
+            for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
+                if zero {
+                    chunks.push(ReadChunk::Zero {
+                        offset: start,
+                        len: run,
+                    });
+                } else {
+                    let mut buf = BytesMut::zeroed(run as usize);
+                    s.read_at(start, &mut buf)?;
+                    chunks.push(ReadChunk::Data {
+                        offset: start,
+                        data: buf.freeze(),
+                    });
+                }
+            }
+            Ok(chunks)
         })
         .await
     }
@@ -126,14 +162,15 @@ impl Backend for FileBackend {
         let found = self
             .blocking("extents", move |s| s.extents(offset, len, max_count))
             .await?;
-        Ok(found
-            .into_iter()
-            .map(|e| Extent {
-                offset: e.offset,
-                len: e.len,
-                hole: e.hole,
-                zero: e.hole,
-            })
-            .collect())
+        Ok(found.into_iter().map(to_extent).collect())
+    }
+}
+
+fn to_extent(e: crate::store::StoreExtent) -> Extent {
+    Extent {
+        offset: e.offset,
+        len: e.len,
+        hole: e.hole,
+        zero: e.hole,
     }
 }
