@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod bufpool;
 pub mod imageio;
 pub mod nbd;
 pub mod shutdown;

@@ -11,6 +11,7 @@
 pub mod consts;
 pub mod error;
 pub mod export;
+pub mod fuzzing;
 pub mod handshake;
 pub mod listener;
 pub mod mode;

@@ -15,10 +15,13 @@ use super::consts::*;
 use super::error::ProtocolError;
 use super::handshake::Negotiated;
 use crate::backend::Backend;
+use crate::bufpool::PoolBuf;
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::Instrument;
 
@@ -42,8 +45,6 @@ impl Default for TransmissionConfig {
 
 /// Bytes per byte-budget permit.
 const PERMIT_BYTES: u64 = 4096;
-/// Write buffer of the reply writer.
-const WRITE_BUFFER: usize = 64 * 1024;
 
 /// How a connection's transmission phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,13 +227,8 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     len: usize,
 ) -> Result<Bytes, ProtocolError> {
-    let mut buf = BytesMut::with_capacity(len);
-    let mut limited = reader.take(len as u64);
-    while buf.len() < len {
-        if limited.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-        }
-    }
+    let mut buf = PoolBuf::new(len);
+    reader.read_exact(buf.as_mut_slice()).await?;
     Ok(buf.freeze())
 }
 
@@ -248,21 +244,62 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> Result<(), P
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
+    mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, writer);
+    // Replies that are ready go out together in vectored writes: headers
+    // and data of many replies in one syscall, data never copied.
+    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    let mut held: Vec<Outgoing> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(msg) = next {
-            for part in &msg.parts {
-                out.write_all(part).await?;
-            }
-            drop(msg);
-            next = rx.try_recv().ok();
+        while let Some(mut msg) = next {
+            queue.extend(msg.parts.drain(..).filter(|p| !p.is_empty()));
+            held.push(msg);
+            next = if held.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
-        out.flush().await?;
+        write_queue(&mut writer, &mut queue).await?;
+        held.clear();
     }
-    out.flush().await?;
-    out.shutdown().await.or(Ok(()))
+    writer.flush().await?;
+    writer.shutdown().await.or(Ok(()))
+}
+
+/// Most replies gathered into one round of vectored writes.
+const MAX_BATCH: usize = 64;
+/// Most buffers passed to one `writev`.
+const MAX_IOVEC: usize = 128;
+
+async fn write_queue<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    queue: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !queue.is_empty() {
+        let slices: Vec<IoSlice<'_>> = queue
+            .iter()
+            .take(MAX_IOVEC)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut n = writer.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = queue.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                queue.pop_front();
+            } else {
+                bytes::Buf::advance(front, n);
+                n = 0;
+            }
+        }
+    }
+    writer.flush().await
 }
