@@ -6,6 +6,7 @@
 
 mod error;
 pub mod file;
+pub mod imageio;
 pub mod memory;
 
 pub use error::{Error, ErrorKind, Result};
