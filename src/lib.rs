@@ -9,6 +9,7 @@
 //! - [`store`]: positional I/O on local image files, shared by the file
 //!   backend and the embedded data server.
 //! - [`imageio`]: the embedded imageio-compatible data server.
+//! - [`session`]: the image transfer session (engine REST client, phases).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@ pub mod backend;
 pub mod bufpool;
 pub mod imageio;
 pub mod nbd;
+pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -112,10 +112,8 @@ impl Backend for FileBackend {
         // (FUA) do block, so they go to the pool.
         if !fua && can_block_in_place() {
             let rest = data.get(done..).unwrap_or_default();
-            return tokio::task::block_in_place(|| {
-                self.store.write_at(offset + done as u64, rest)
-            })
-            .map_err(|e| Error::io("write", e));
+            return tokio::task::block_in_place(|| self.store.write_at(offset + done as u64, rest))
+                .map_err(|e| Error::io("write", e));
         }
         self.blocking("write", move |s| {
             if let Some(rest) = data.get(done..) {

@@ -21,6 +21,7 @@ pub mod wire;
 
 use self::extent_map::ExtentMap;
 use self::pool::Pool;
+pub use self::pool::build_client;
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
 use super::{
