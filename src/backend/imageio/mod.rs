@@ -183,6 +183,19 @@ impl ImageioBackend {
         Backend::flush(self).await
     }
 
+    /// Touch the ticket so neither it nor the transfer times out while the
+    /// NBD clients are idle: a one-byte read, which every ticket allows and
+    /// which resets the data server's idle clock.
+    ///
+    /// # Errors
+    /// The request failed.
+    pub async fn keepalive(&self) -> Result<()> {
+        if self.size == 0 {
+            return Ok(());
+        }
+        retry(|| self.read_once(0, 1)).await.map(|_| ())
+    }
+
     fn ctx(&self) -> ErrorContext {
         ErrorContext {
             ended: self.ended.load(Ordering::SeqCst),
