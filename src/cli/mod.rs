@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve an image over NBD.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run the imageio-compatible data server.
     Imageio(imageio::ImageioArgs),
 }
@@ -29,7 +29,7 @@ enum Command {
 /// Run the chosen subcommand.
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Imageio(args) => imageio::run(args).await,
     }
 }
