@@ -161,11 +161,17 @@ pub async fn run(
                                 tracing::info!(written = s.bytes_written, read = s.bytes_read, "last client left: finalizing");
                                 break finish(&mut session, &gate, &stop, &mut serving, &backend, FinishHow::Finalize).await?;
                             }
-                            if direction == Direction::Upload && s.writes_completed > 0 {
+                            if direction == Direction::Upload && s.write_failures > 0 {
                                 tracing::warn!(
-                                    flushed = s.flushed,
                                     failed_writes = s.write_failures,
-                                    "last client left without a flush after its writes (or a write failed): not finalizing"
+                                    "last client left but writes failed: not finalizing; \
+                                     a new client may write again"
+                                );
+                            } else if direction == Direction::Upload && s.writes_completed > 0 {
+                                tracing::warn!(
+                                    "last client left without flushing after its last write: \
+                                     not finalizing (nbdcopy needs --flush); a new client may \
+                                     finish the upload"
                                 );
                             }
                         }
