@@ -9,11 +9,14 @@
 //! - [`store`]: positional I/O on local image files, shared by the file
 //!   backend and the embedded data server.
 //! - [`imageio`]: the embedded imageio-compatible data server.
+//! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
+//!   image transfer phases, state in SQLite).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod shutdown;

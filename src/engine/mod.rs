@@ -1,0 +1,388 @@
+//! The engine-compatible control plane (`nbdbridge engine`): the parts of
+//! the oVirt REST API v4 that image transfers need (disks, storage
+//! domains, hosts, image transfers) plus the SSO login, spoken exactly as
+//! the oVirt Python SDK expects (see `shared/ENGINE-API.md`).
+//!
+//! # Layout
+//! - `api`: routing, authentication, XML rendering of each resource.
+//! - `sso`: `/ovirt-engine/sso/oauth/token` and `/services/sso-logout`.
+//! - `transfer`: the phase machine; one driver task per live transfer.
+//! - `host`: the ticket control API client for data servers.
+//! - `disk`: image files and finalize verification (QCOW2 header checks).
+//! - `db`: state in SQLite, so a restart loses nothing.
+//! - `error`: `engine::Error` and its only mapping to a status + `<fault>`.
+//! - `model`, `xml`: entities, wire enums, XML in and out.
+//!
+//! The engine never touches disk data itself: it installs tickets on a
+//! host's data server, which serves the bytes. Hosts are given as
+//! [`HostSpec`]s (`NAME=CONTROL_SOCKET,DATA_URL`); the embedded data
+//! server becomes one more host once it is wired in (see
+//! `cli/engine.rs`).
+
+mod api;
+mod db;
+mod disk;
+mod error;
+mod host;
+mod model;
+mod sso;
+mod transfer;
+mod xml;
+
+pub use error::Error;
+pub use model::Host;
+
+use crate::shutdown::Shutdown;
+use db::Db;
+use disk::Images;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
+
+/// The one user.
+pub const USER: &str = "admin@internal";
+
+/// A data server registered as a host: `NAME=CONTROL_SOCKET,DATA_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    /// Host name (unique).
+    pub name: String,
+    /// Unix socket of its ticket control API.
+    pub control_socket: PathBuf,
+    /// Base URL of its data API, e.g. `http://127.0.0.1:54322`.
+    pub data_url: String,
+}
+
+impl std::str::FromStr for HostSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}': expected NAME=CONTROL_SOCKET,DATA_URL"))?;
+        let (socket, url) = rest
+            .split_once(',')
+            .ok_or_else(|| format!("'{s}': expected NAME=CONTROL_SOCKET,DATA_URL"))?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(format!(
+                "'{s}': the host name must have 1 to 255 characters"
+            ));
+        }
+        if socket.is_empty() {
+            return Err(format!("'{s}': the control socket path is empty"));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "'{s}': the data URL must start with http:// or https://"
+            ));
+        }
+        Ok(HostSpec {
+            name: name.to_string(),
+            control_socket: PathBuf::from(socket),
+            data_url: url.to_string(),
+        })
+    }
+}
+
+/// Timeouts and intervals of the phase machine (ENGINE-API.md 3.4).
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// How often a transfer's driver looks at its ticket.
+    pub tick: Duration,
+    /// Ticket lifetime given to data servers (engine default 300 s).
+    pub ticket_timeout: u64,
+    /// Default client inactivity timeout (engine default 60 s).
+    pub inactivity_timeout: u64,
+    /// How long finished_success transfers stay readable (15 min).
+    pub keep_succeeded: Duration,
+    /// How long failed transfers stay readable (30 min).
+    pub keep_failed: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            tick: Duration::from_millis(500),
+            ticket_timeout: 300,
+            inactivity_timeout: 60,
+            keep_succeeded: Duration::from_secs(15 * 60),
+            keep_failed: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+impl Timing {
+    /// Renew a ticket when it has less than this many seconds left: the
+    /// engine's 240 s of 300, scaled down for short test timeouts.
+    pub fn renew_margin(&self) -> u64 {
+        (self.ticket_timeout * 4 / 5).min(240)
+    }
+}
+
+/// Everything `nbdbridge engine` needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Database, password file and disk images live here.
+    pub data_dir: PathBuf,
+    /// API address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// File holding admin@internal's password; `None`: generate one at
+    /// first start into `DATA_DIR/password` (0600).
+    pub password_file: Option<PathBuf>,
+    /// The data servers.
+    pub hosts: Vec<HostSpec>,
+    /// Phase machine timing.
+    pub timing: Timing,
+}
+
+/// Shared by the API handlers and the transfer drivers.
+#[derive(Debug)]
+pub(crate) struct State {
+    db: Db,
+    images: Images,
+    hosts: Vec<Host>,
+    config: Timing,
+    password: String,
+    base: String,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    shutdown: Shutdown,
+}
+
+impl State {
+    fn register_waker(&self, id: &str) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let mut map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(id.to_string(), notify.clone());
+        notify
+    }
+
+    fn unregister_waker(&self, id: &str) {
+        let mut map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id);
+    }
+
+    /// Make transfer `id`'s driver look at it now.
+    fn wake(&self, id: &str) {
+        let map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get(id) {
+            n.notify_one();
+        }
+    }
+}
+
+/// A started engine: bound, state loaded, drivers running.
+#[derive(Debug)]
+pub struct Engine {
+    state: Arc<State>,
+    listener: TcpListener,
+    url: String,
+    password_path: PathBuf,
+}
+
+/// Most connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+
+fn read_or_create_password(path: &Path) -> Result<String, Error> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let pw = s.trim_end_matches(['\n', '\r']).to_string();
+            if pw.is_empty() {
+                return Err(Error::BadRequest(format!(
+                    "the password file {} is empty",
+                    path.display()
+                )));
+            }
+            Ok(pw)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let pw = uuid::Uuid::new_v4().simple().to_string();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            writeln!(f, "{pw}").map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+            Ok(pw)
+        }
+        Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+    }
+}
+
+impl Engine {
+    /// Open the data directory, register the hosts, bind the listener and
+    /// restart the driver of every transfer that is not finished.
+    ///
+    /// # Errors
+    /// The data directory, database, password file or listen address
+    /// cannot be used.
+    pub async fn start(config: EngineConfig, shutdown: Shutdown) -> Result<Engine, Error> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
+        let db = Db::open(&config.data_dir.join("engine.db"))?;
+        let images = Images::open(config.data_dir.join("images"))?;
+        let password_path = match &config.password_file {
+            Some(p) => p.clone(),
+            None => config.data_dir.join("password"),
+        };
+        let password = if config.password_file.is_some() {
+            let s = std::fs::read_to_string(&password_path)
+                .map_err(|e| Error::io(format!("read {}", password_path.display()), e))?;
+            s.trim_end_matches(['\n', '\r']).to_string()
+        } else {
+            read_or_create_password(&password_path)?
+        };
+        let mut hosts = Vec::new();
+        for spec in &config.hosts {
+            hosts.push(db.upsert_host(&spec.name, &spec.control_socket, &spec.data_url)?);
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io(format!("listen on {}", config.listen), e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("listener address", e))?;
+        let url = format!("http://{addr}/ovirt-engine/api");
+        let state = Arc::new(State {
+            db,
+            images,
+            hosts,
+            config: config.timing.clone(),
+            password,
+            base: "/ovirt-engine/api".to_string(),
+            wakers: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        for t in state.db.transfers()? {
+            if !t.phase.is_finished() {
+                tracing::info!(transfer = %t.id, phase = %t.phase, "resuming the driver");
+                transfer::spawn_driver(state.clone(), t.id);
+            }
+        }
+        spawn_janitor(state.clone());
+        Ok(Engine {
+            state,
+            listener,
+            url,
+            password_path,
+        })
+    }
+
+    /// The API base URL, `http://HOST:PORT/ovirt-engine/api`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The file holding admin@internal's password.
+    pub fn password_path(&self) -> &Path {
+        &self.password_path
+    }
+
+    /// The registered hosts.
+    pub fn hosts(&self) -> &[Host] {
+        &self.state.hosts
+    }
+
+    /// Serve until the shutdown signal.
+    pub async fn serve(self) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut conn_id: u64 = 0;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = self.state.shutdown.wait() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            conn_id += 1;
+            let state = self.state.clone();
+            let span = tracing::debug_span!("conn", conn = conn_id, %peer);
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(60))
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+/// Forget finished transfers after their keep time.
+fn spawn_janitor(state: Arc<State>) {
+    tokio::spawn(async move {
+        loop {
+            let now = model::now();
+            let ok = now - state.config.keep_succeeded.as_secs() as i64;
+            let failed = now - state.config.keep_failed.as_secs() as i64;
+            match state.db.purge_transfers(ok, failed) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "finished transfers forgotten"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge transfers"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = state.shutdown.wait() => break,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_specs() {
+        let h: HostSpec = "h1=/run/c.sock,http://127.0.0.1:5".parse().unwrap();
+        assert_eq!(h.name, "h1");
+        assert_eq!(h.control_socket, PathBuf::from("/run/c.sock"));
+        assert_eq!(h.data_url, "http://127.0.0.1:5");
+        assert!("h1".parse::<HostSpec>().is_err());
+        assert!("h1=/s".parse::<HostSpec>().is_err());
+        assert!("=/s,http://x".parse::<HostSpec>().is_err());
+        assert!("h=/s,ftp://x".parse::<HostSpec>().is_err());
+    }
+
+    #[test]
+    fn renew_margin_scales() {
+        let mut t = Timing::default();
+        assert_eq!(t.renew_margin(), 240);
+        t.ticket_timeout = 5;
+        assert_eq!(t.renew_margin(), 4);
+    }
+}
