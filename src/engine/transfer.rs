@@ -324,7 +324,7 @@ fn stopped_by_system(t: &Transfer) -> Phase {
 /// every transfer not finished).
 pub fn spawn_driver(state: Arc<State>, id: String) {
     let notify = state.register_waker(&id);
-    let span = tracing::info_span!("transfer", transfer = %id);
+    let span = tracing::info_span!(parent: None, "transfer", transfer = %id);
     tokio::spawn(
         async move {
             loop {
