@@ -25,6 +25,7 @@ fn sdk_upload_download_pause_resume_finalize_cancel_errors() {
         "OK follow disk: locked",
         "OK disk locked",
         "OK pause resume",
+        "OK transferred reported",
         "OK upload finished_success",
         "OK pause finished 409",
         "OK download bit-exact",

@@ -67,6 +67,10 @@ with connect(url, password_file) as connection:
     ok("pause resume")
 
     client.upload(src, transfer.transfer_url, None, secure=False)
+    # The engine reports the bytes the data server counted.
+    from engine_common import wait
+    wait(lambda: transfer_service.get().transferred > 0, "transferred > 0")
+    ok("transferred reported")
     transfer_service.finalize()
     transfer = wait_phase_not(transfer_service, [P.TRANSFERRING, P.FINALIZING_SUCCESS])
     assert transfer.phase == P.FINISHED_SUCCESS, transfer.phase

@@ -125,3 +125,68 @@ pub fn run_script(name: &str, args: &[&str]) -> String {
     let out = run_ok(Command::new(venv_python()).arg(script).args(args));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// One HTTP/1.1 exchange (Connection: close) with the engine at `url`'s
+/// host: (status, content type, body).
+pub fn http(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let hostport = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap();
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\
+         Version: 4\r\nAccept: application/xml\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // A peer may answer (413) before reading a large body and close.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, ctype, body.to_string())
+}
+
+/// The text of the first `<name>` element in `xml`.
+pub fn element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{name}>"))? + start;
+    Some(&xml[start..end])
+}
+
+/// The first `id="..."` attribute in `xml`.
+pub fn first_id(xml: &str) -> Option<&str> {
+    let start = xml.find(" id=\"")? + 5;
+    let end = xml[start..].find('"')? + start;
+    Some(&xml[start..end])
+}
