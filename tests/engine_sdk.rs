@@ -123,3 +123,53 @@ fn a_restarted_engine_keeps_disks_and_transfers() {
     let out = run_script("engine_restart.py", &["finish", &engine.url, &pw, &work]);
     assert!(out.contains("OK finished after restart"), "{out}");
 }
+
+#[test]
+fn https_with_ca_file_and_insecure() {
+    if !support::require(&support::venv_python().to_string_lossy()) || !support::require("openssl")
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = tmp.path().join("cert.pem");
+    let key = tmp.path().join("key.pem");
+    support::run_ok(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    let down = format!(
+        "down={},http://127.0.0.1:9",
+        tmp.path().join("x.sock").display()
+    );
+    let mut cmd = std::process::Command::new(support::bin());
+    cmd.arg("engine")
+        .arg("--data-dir")
+        .arg(tmp.path().join("engine"))
+        .args(["--listen", "127.0.0.1:0", "--host", &down])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
+    let proc = support::Proc::start_announcing("nbdbridge engine (tls)", cmd);
+    let url = proc.first_line.clone();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let pw = tmp.path().join("engine/password");
+    let out = run_script(
+        "engine_tls.py",
+        &[&url, &pw.to_string_lossy(), &cert.to_string_lossy()],
+    );
+    for step in ["OK ca_file", "OK insecure", "OK unverified refused", "DONE"] {
+        assert!(out.contains(step), "missing {step:?} in:\n{out}");
+    }
+}

@@ -1,7 +1,7 @@
 //! `nbdbridge engine`: the engine-compatible control plane (issue 4).
 
 use super::CliError;
-use nbdbridge::engine::{Engine, EngineConfig, HostSpec, Timing};
+use nbdbridge::engine::{Engine, EngineConfig, HostSpec, Timing, TlsFiles};
 use nbdbridge::shutdown::{self, Shutdown};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,10 +24,10 @@ pub struct EngineArgs {
     /// a real ovirt-imageio daemon's control socket and data URL.
     #[arg(long = "host", value_name = "NAME=CONTROL_SOCKET,DATA_URL")]
     hosts: Vec<HostSpec>,
-    /// TLS certificate (PEM) for https (not built yet).
+    /// TLS certificate (PEM) for https.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM) for https (not built yet).
+    /// TLS private key (PEM) for https.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Ticket lifetime in seconds given to data servers; renewed before it
@@ -41,9 +41,6 @@ pub struct EngineArgs {
 
 /// Run the engine until SIGINT / SIGTERM.
 pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
-    if args.tls_cert.is_some() || args.tls_key.is_some() {
-        return Err("--tls-cert/--tls-key: TLS is not built yet; serve plain http".into());
-    }
     // SEAM (embedded data server): once `nbdbridge imageio` exists in this
     // crate, start it in-process here and push it as the default host
     // (name "embedded") in front of the --host list.
@@ -63,6 +60,10 @@ pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
             ticket_timeout: args.ticket_timeout,
             inactivity_timeout: args.inactivity_timeout,
             ..Timing::default()
+        },
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
         },
     };
     let stop = Shutdown::new();

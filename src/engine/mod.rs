@@ -141,6 +141,46 @@ pub struct EngineConfig {
     pub hosts: Vec<HostSpec>,
     /// Phase machine timing.
     pub timing: Timing,
+    /// Serve https with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for https.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// How long a client may take for the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let bad = |what: &Path, e: &dyn std::fmt::Display| {
+        Error::BadRequest(format!("TLS: cannot load {}: {e}", what.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(&files.cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(&files.cert, &"no certificate in it"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::BadRequest(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::BadRequest(format!("TLS: {e}")))?;
+    // libcurl would speak HTTP/2 if offered; we speak HTTP/1.1 only.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Shared by the API handlers and the transfer drivers.
@@ -179,12 +219,22 @@ impl State {
 }
 
 /// A started engine: bound, state loaded, drivers running.
-#[derive(Debug)]
 pub struct Engine {
     state: Arc<State>,
     listener: TcpListener,
     url: String,
     password_path: PathBuf,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("url", &self.url)
+            .field("password_path", &self.password_path)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Most connections served at once.
@@ -252,7 +302,9 @@ impl Engine {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("listener address", e))?;
-        let url = format!("http://{addr}/ovirt-engine/api");
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/ovirt-engine/api");
         let state = Arc::new(State {
             db,
             images,
@@ -275,6 +327,7 @@ impl Engine {
             listener,
             url,
             password_path,
+            tls,
         })
     }
 
@@ -320,25 +373,48 @@ impl Engine {
             };
             conn_id += 1;
             let state = self.state.clone();
+            let tls = self.tls.clone();
             let span = tracing::debug_span!("conn", conn = conn_id, %peer);
             tokio::spawn(
                 async move {
                     let _permit = permit;
-                    let service = service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
-                    });
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(60))
-                        .serve_connection(TokioIo::new(stream), service);
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended");
+                    match tls {
+                        None => serve_connection(state, stream).await,
+                        Some(acceptor) => {
+                            let accepted = tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await;
+                            match accepted {
+                                Ok(Ok(stream)) => serve_connection(state, stream).await,
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
+                            }
+                        }
                     }
                 }
                 .instrument(span),
             );
         }
+    }
+}
+
+/// Serve HTTP/1.1 on one connection until the peer closes it.
+async fn serve_connection<I>(state: Arc<State>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60))
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended");
     }
 }
 
