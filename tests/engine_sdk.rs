@@ -173,3 +173,80 @@ fn https_with_ca_file_and_insecure() {
         assert!(out.contains(step), "missing {step:?} in:\n{out}");
     }
 }
+
+/// ovirt-imageio's own `ovirt-img` tool (SDK + imageio client) uploads a
+/// QCOW2 image to a new cow disk (guest data through qemu-nbd) and a raw
+/// image to a raw disk, then downloads both; qemu-img compares.
+#[test]
+fn ovirt_img_upload_and_download_qcow2_and_raw() {
+    if !have_tools() || !support::require("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let imageio = Imageio::start(&tmp.path().join("imageio"));
+    let data = tmp.path().join("engine");
+    let engine = Engine::start(&data, &[imageio.host_arg("h1")], &[]);
+    let base = engine.url.trim_end_matches("/ovirt-engine/api").to_string();
+    let pw = engine.password_file.to_string_lossy().into_owned();
+    let w = tmp.path();
+    let qcow = w.join("src.qcow2");
+    support::run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow)
+            .arg("8M"),
+    );
+    support::run_ok(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x33 1M 128k", "-c"])
+            .args(["write -P 0x44 6M 64k"])
+            .arg(&qcow),
+    );
+    let raw = w.join("src.raw");
+    std::fs::write(&raw, support::pattern(7, 3 << 20)).unwrap();
+    let ovirt_img = support::repo().join(".venv/bin/ovirt-img");
+    let common = |cmd: &mut std::process::Command| {
+        cmd.args(["--engine-url", &base, "--username", "admin@internal"])
+            .args(["--password-file", &pw, "-o", "json"]);
+    };
+    for (src, fmt, id) in [
+        (&qcow, "qcow2", "6b1e3a52-0c4a-4d55-9d3b-3f2a4a1c0001"),
+        (&raw, "raw", "6b1e3a52-0c4a-4d55-9d3b-3f2a4a1c0002"),
+    ] {
+        let mut up = std::process::Command::new(&ovirt_img);
+        up.arg("upload-disk");
+        common(&mut up);
+        up.args(["-s", "data", "-f", fmt, "--disk-id", id]).arg(src);
+        let out = support::run_ok(&mut up);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("upload completed"), "{text}");
+        let image = data.join("images").join(id);
+        let info = support::run_ok(
+            std::process::Command::new("qemu-img")
+                .arg("info")
+                .arg(&image),
+        );
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains(&format!("file format: {fmt}")), "{info}");
+        let back = w.join(format!("back.{fmt}"));
+        let mut down = std::process::Command::new(&ovirt_img);
+        down.arg("download-disk");
+        common(&mut down);
+        down.args(["-f", fmt, id]).arg(&back);
+        let out = support::run_ok(&mut down);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("download completed"), "{text}");
+        support::run_ok(
+            std::process::Command::new("qemu-img")
+                .arg("compare")
+                .arg(src)
+                .arg(&back),
+        );
+    }
+    // Every qemu-nbd the engine started was stopped at finalize.
+    let run = data.join("run");
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", run.display());
+}

@@ -347,8 +347,25 @@ fn add_disk(state: &State, req: DiskIn) -> Result<Disk> {
             "The disk description is longer than 4096 characters".into(),
         ));
     }
+    let id = match req.id.as_deref() {
+        None => new_id(),
+        Some(v) => {
+            let id = uuid::Uuid::parse_str(v)
+                .map_err(|_| {
+                    Error::BadRequest(format!("Invalid value '{v}' for 'id': expecting a UUID"))
+                })?
+                .hyphenated()
+                .to_string();
+            if state.db.disk(&id)?.is_some() {
+                return Err(Error::Conflict(format!(
+                    "Cannot add Virtual Disk: a disk with id {id} exists"
+                )));
+            }
+            id
+        }
+    };
     let disk = Disk {
-        id: new_id(),
+        id,
         name,
         description,
         format,

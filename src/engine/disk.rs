@@ -37,9 +37,19 @@ impl Images {
     }
 
     /// Create the image file: a sparse file of the virtual size for raw, an
-    /// empty file for cow (the upload brings the QCOW2 bytes).
+    /// empty QCOW2 image for cow (qemu-img; without it an empty file, which
+    /// a `format=cow` upload then fills with QCOW2 bytes).
     pub fn create(&self, disk: &Disk) -> Result<()> {
         let path = self.path(&disk.id);
+        if disk.format == Format::Cow {
+            match super::qemu::create_qcow2(&path, disk.provisioned_size) {
+                Ok(()) => return Ok(()),
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!("qemu-img not found: the cow disk starts as an empty file");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -91,8 +101,12 @@ impl Images {
         }
     }
 
-    /// The ticket size for a transfer of `disk`.
-    pub fn ticket_size(&self, disk: &Disk, upload: bool) -> u64 {
+    /// The ticket size for a transfer of `disk` moving `format` bytes.
+    pub fn ticket_size(&self, disk: &Disk, upload: bool, format: Format) -> u64 {
+        if format == Format::Raw {
+            // Guest data: raw files, or QCOW2 through qemu-nbd.
+            return disk.provisioned_size;
+        }
         match (disk.format, upload) {
             (Format::Raw, _) => disk.provisioned_size,
             // QCOW2 bytes: virtual size plus metadata room (L2 and refcount

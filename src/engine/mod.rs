@@ -9,6 +9,7 @@
 //! - `transfer`: the phase machine; one driver task per live transfer.
 //! - `host`: the ticket control API client for data servers.
 //! - `disk`: image files and finalize verification (QCOW2 header checks).
+//! - `qemu`: qemu-nbd for guest-data (`format=raw`) transfers of QCOW2 disks.
 //! - `db`: state in SQLite, so a restart loses nothing.
 //! - `error`: `engine::Error` and its only mapping to a status + `<fault>`.
 //! - `model`, `xml`: entities, wire enums, XML in and out.
@@ -25,6 +26,7 @@ mod disk;
 mod error;
 mod host;
 mod model;
+mod qemu;
 mod sso;
 mod transfer;
 mod xml;
@@ -188,6 +190,7 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
 pub(crate) struct State {
     db: Db,
     images: Images,
+    nbd: qemu::NbdServers,
     hosts: Vec<Host>,
     config: Timing,
     password: String,
@@ -281,6 +284,7 @@ impl Engine {
             .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
         let db = Db::open(&config.data_dir.join("engine.db"))?;
         let images = Images::open(config.data_dir.join("images"))?;
+        let nbd = qemu::NbdServers::new(config.data_dir.join("run"))?;
         let password_path = match &config.password_file {
             Some(p) => p.clone(),
             None => config.data_dir.join("password"),
@@ -308,6 +312,7 @@ impl Engine {
         let state = Arc::new(State {
             db,
             images,
+            nbd,
             hosts,
             config: config.timing.clone(),
             password,

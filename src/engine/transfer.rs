@@ -94,11 +94,10 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
         None => disk.format,
         Some(v) => parse_field("format", v, Format::parse)?,
     };
-    if format != disk.format {
+    if format == Format::Cow && disk.format == Format::Raw {
         return Err(Error::BadRequest(format!(
-            "Cannot transfer Virtual Disk: format {format} on a {} disk needs a converting (NBD) \
-             backend, which this engine does not have; use format {}",
-            disk.format, disk.format
+            "Cannot transfer Virtual Disk: format cow does not apply to the raw disk {}",
+            disk.id
         )));
     }
     let inactivity_timeout = match req.inactivity_timeout.as_deref() {
@@ -143,7 +142,7 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
         format,
         phase: Phase::Initializing,
         ticket_id: new_id(),
-        ticket_size: state.images.ticket_size(&disk, upload),
+        ticket_size: state.images.ticket_size(&disk, upload, format),
         ticket_installed: false,
         ticket_expires: 0,
         inactivity_timeout,
@@ -250,12 +249,48 @@ fn control(state: &State, t: &Transfer) -> Result<Control> {
     Ok(Control::new(host.clone()))
 }
 
+/// Whether the transfer moves guest data of a QCOW2 disk, through a
+/// qemu-nbd the engine runs.
+fn nbd_backed(state: &State, t: &Transfer) -> Result<bool> {
+    Ok(t.format == Format::Raw
+        && state
+            .db
+            .disk(&t.disk_id)?
+            .is_some_and(|d| d.format == Format::Cow))
+}
+
+/// Start qemu-nbd if the transfer needs one and it is not running.
+async fn ensure_backend(state: &State, t: &Transfer) -> Result<()> {
+    if nbd_backed(state, t)? {
+        let read_only = t.direction == Direction::Download;
+        state
+            .nbd
+            .ensure(&t.id, &state.images.path(&t.disk_id), read_only)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Remove the ticket from the data server, then stop qemu-nbd if any.
+async fn release(state: &State, t: &Transfer) -> Result<()> {
+    if t.ticket_installed {
+        control(state, t)?.delete(&t.ticket_id).await?;
+    }
+    state.nbd.stop(&t.id).await;
+    Ok(())
+}
+
 fn ticket_spec(state: &State, t: &Transfer) -> Result<TicketSpec> {
     let disk = state
         .db
         .disk(&t.disk_id)?
         .ok_or_else(|| Error::NotFound(format!("Entity not found: {}", t.disk_id)))?;
     let upload = t.direction == Direction::Upload;
+    let url = if t.format == Format::Raw && disk.format == Format::Cow {
+        state.nbd.url(&t.id)
+    } else {
+        state.images.url(&disk.id)
+    };
     let ext = match disk.format {
         Format::Raw => "raw",
         Format::Cow => "qcow2",
@@ -263,7 +298,7 @@ fn ticket_spec(state: &State, t: &Transfer) -> Result<TicketSpec> {
     Ok(TicketSpec {
         uuid: t.ticket_id.clone(),
         size: t.ticket_size,
-        url: state.images.url(&disk.id),
+        url,
         timeout: state.config.ticket_timeout,
         ops: vec![if upload { "write" } else { "read" }],
         inactivity_timeout: (t.inactivity_timeout > 0).then_some(t.inactivity_timeout),
@@ -358,7 +393,11 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
     let ticket = redact(&t.ticket_id);
     match t.phase {
         Phase::Initializing | Phase::Resuming => {
-            let installed = async { control(state, &t)?.put(&ticket_spec(state, &t)?).await }.await;
+            let installed = async {
+                ensure_backend(state, &t).await?;
+                control(state, &t)?.put(&ticket_spec(state, &t)?).await
+            }
+            .await;
             match installed {
                 Ok(()) => {
                     tracing::info!(%ticket, "ticket installed");
@@ -383,9 +422,7 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
         Phase::Transferring => watch(state, t).await,
         Phase::PausedUser | Phase::PausedSystem => Ok(()),
         Phase::FinalizingSuccess => {
-            if t.ticket_installed {
-                control(state, &t)?.delete(&t.ticket_id).await?;
-            }
+            release(state, &t).await?;
             let disk = state.db.disk(&t.disk_id)?;
             let verdict = match (&disk, t.direction) {
                 (Some(d), Direction::Upload) => state.images.verify(d),
@@ -412,9 +449,7 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
         Phase::CancelledUser => enter(state, &t, Phase::FinalizingCleanup, |_| {}),
         Phase::CancelledSystem => enter(state, &t, Phase::FinalizingFailure, |_| {}),
         Phase::FinalizingCleanup => {
-            if t.ticket_installed {
-                control(state, &t)?.delete(&t.ticket_id).await?;
-            }
+            release(state, &t).await?;
             let status = match t.direction {
                 Direction::Upload => DiskStatus::Illegal,
                 Direction::Download => DiskStatus::Ok,
@@ -425,9 +460,7 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
             })
         }
         Phase::FinishedCleanup | Phase::FinalizingFailure => {
-            if t.ticket_installed {
-                control(state, &t)?.delete(&t.ticket_id).await?;
-            }
+            release(state, &t).await?;
             match t.direction {
                 // endWithFailure: roll back the upload, removing the disk.
                 Direction::Upload => {
@@ -450,6 +483,9 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
 /// transfer (the engine's retry flag).
 async fn watch(state: &Arc<State>, t: Transfer) -> Result<()> {
     let ctl = control(state, &t)?;
+    if let Err(e) = ensure_backend(state, &t).await {
+        return control_failed(state, &t, e);
+    }
     let status = match ctl.get(&t.ticket_id).await {
         Ok(Some(s)) => s,
         Ok(None) => {

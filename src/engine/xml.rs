@@ -126,6 +126,9 @@ pub struct StorageDomainsIn {
 /// The `<disk>` body of `POST /disks`.
 #[derive(Debug, Default, Deserialize)]
 pub struct DiskIn {
+    /// The id the client wants (a UUID), or none to get a new one.
+    #[serde(rename = "@id")]
+    pub id: Option<String>,
     /// Display name.
     pub name: Option<String>,
     /// Older display name.
