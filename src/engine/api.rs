@@ -15,6 +15,8 @@ use tracing::Instrument;
 
 /// Largest request body we read.
 const MAX_BODY: usize = 1024 * 1024;
+/// How long a client may take to send a request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The one storage domain.
 const DOMAIN_ID: &str = "d47a0000-0000-4000-8000-00000000da7a";
@@ -46,9 +48,13 @@ async fn read_body(req: Request<Incoming>) -> Result<String> {
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(Error::TooLarge(MAX_BODY));
     }
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| Error::BadRequest("The request body did not arrive in time".into()))?;
+    let bytes = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 Error::TooLarge(MAX_BODY)

@@ -62,6 +62,13 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
+/// Hex blake2b-256 of a token.
+fn token_digest(token: &str) -> String {
+    use blake2::Digest;
+    let digest = blake2::Blake2b::<blake2::digest::consts::U32>::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn bad_column(what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidColumnType(0, format!("{what}={value}"), rusqlite::types::Type::Text)
 }
@@ -351,11 +358,12 @@ impl Db {
 
     // ---- tokens ----
 
-    /// Store a token for `user` valid until `expires`.
+    /// Store a token for `user` valid until `expires`. Only a digest of
+    /// the token is stored: the database never holds a usable bearer secret.
     pub fn insert_token(&self, token: &str, user: &str, expires: i64) -> Result<()> {
         self.lock().execute(
             "INSERT OR REPLACE INTO tokens (token, user, expires) VALUES (?1, ?2, ?3)",
-            params![token, user, expires],
+            params![token_digest(token), user, expires],
         )?;
         Ok(())
     }
@@ -366,7 +374,7 @@ impl Db {
             .lock()
             .query_row(
                 "SELECT expires FROM tokens WHERE token = ?1",
-                params![token],
+                params![token_digest(token)],
                 |r| r.get(0),
             )
             .optional()?;
@@ -377,7 +385,7 @@ impl Db {
     pub fn delete_token(&self, token: &str, now: i64) -> Result<()> {
         self.lock().execute(
             "DELETE FROM tokens WHERE token = ?1 OR expires <= ?2",
-            params![token, now],
+            params![token_digest(token), now],
         )?;
         Ok(())
     }
@@ -465,11 +473,44 @@ mod tests {
     }
 
     #[test]
+    fn finished_transfers_are_purged_after_their_keep_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("e.db")).unwrap();
+        db.insert_disk(&disk("d1")).unwrap();
+        db.insert_disk(&disk("d2")).unwrap();
+        let ok = transfer("d1");
+        let failed = transfer("d2");
+        for (t, phase) in [
+            (&ok, Phase::FinishedSuccess),
+            (&failed, Phase::FinishedFailure),
+        ] {
+            db.insert_transfer_locking_disk(t).unwrap();
+            db.update_transfer(&t.id, |t| {
+                t.phase = phase;
+                t.finished_at = 100;
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(db.purge_transfers(100, 100).unwrap(), 0);
+        assert_eq!(db.purge_transfers(101, 50).unwrap(), 1);
+        assert!(db.transfer(&ok.id).unwrap().is_none());
+        assert!(db.transfer(&failed.id).unwrap().is_some());
+        assert_eq!(db.purge_transfers(0, 101).unwrap(), 1);
+    }
+
+    #[test]
     fn tokens_expire() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("e.db")).unwrap();
         db.insert_token("t", "admin@internal", 100).unwrap();
         assert!(db.token_valid("t", 99).unwrap());
+        let stored: String = db
+            .lock()
+            .query_row("SELECT token FROM tokens", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(stored, "t");
+        assert_eq!(stored.len(), 64);
         assert!(!db.token_valid("t", 100).unwrap());
         db.delete_token("t", 0).unwrap();
         assert!(!db.token_valid("t", 0).unwrap());

@@ -74,6 +74,17 @@ with connect(url, password_file) as connection:
     wait_phase(ts, P.FINISHED_SUCCESS)
     ok("resume after paused_system")
 
+    # A download left idle (legacy policy) is cancelled by the system; the
+    # disk stays.
+    t = connection.system_service().image_transfers_service().add(
+        types.ImageTransfer(disk=types.Disk(id=disk.id), inactivity_timeout=1,
+                            direction=types.ImageTransferDirection.DOWNLOAD))
+    ts = connection.system_service().image_transfers_service() \
+        .image_transfer_service(t.id)
+    wait_phase(ts, P.FINISHED_FAILURE)
+    assert disks.disk_service(disk.id).get().status == types.DiskStatus.OK
+    ok("inactivity legacy download cancelled")
+
     # Ticket renewal: ticket timeout is 3 s, inactivity checks off; after
     # 8 s without data requests the ticket still works.
     disk, ts = start(connection, "system-renew", host=types.Host(id=up.id),
