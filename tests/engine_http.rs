@@ -231,3 +231,22 @@ fn no_host_is_a_clear_error() {
     assert!(err.contains("--host NAME=CONTROL_SOCKET,DATA_URL"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn password_file_is_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "s3cret&more\n").unwrap();
+    let down = format!(
+        "down={},http://127.0.0.1:9",
+        tmp.path().join("x.sock").display()
+    );
+    let data = tmp.path().join("engine");
+    let engine = Engine::start(&data, &[down], &["--password-file", &pw.to_string_lossy()]);
+    let (status, _, body) = login(&engine.url, "s3cret%26more");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("access_token"), "{body}");
+    let (status, _, _) = login(&engine.url, "s3cret");
+    assert_eq!(status, 401);
+    assert!(!data.join("password").exists());
+}

@@ -38,6 +38,9 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The engine cannot start with this configuration.
+    #[error("{0}")]
+    Config(String),
     /// A data server's control API failed.
     #[error("host {host}: {message}")]
     Host {
@@ -66,7 +69,7 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Db(_) | Error::Io { .. } | Error::Host { .. } => {
+            Error::Db(_) | Error::Io { .. } | Error::Host { .. } | Error::Config(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -82,7 +85,7 @@ impl Error {
             }
             Error::Unauthorized(m) => m.clone(),
             Error::TooLarge(_) => format!("[{self}]"),
-            Error::Db(_) | Error::Io { .. } | Error::Host { .. } => {
+            Error::Db(_) | Error::Io { .. } | Error::Host { .. } | Error::Config(_) => {
                 "[Internal engine error, check the engine log]".to_string()
             }
         }

@@ -164,7 +164,7 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
     let bad = |what: &Path, e: &dyn std::fmt::Display| {
-        Error::BadRequest(format!("TLS: cannot load {}: {e}", what.display()))
+        Error::Config(format!("TLS: cannot load {}: {e}", what.display()))
     };
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -176,10 +176,10 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::BadRequest(format!("TLS: {e}")))?
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| Error::BadRequest(format!("TLS: {e}")))?;
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     // libcurl would speak HTTP/2 if offered; we speak HTTP/1.1 only.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
@@ -243,33 +243,37 @@ impl std::fmt::Debug for Engine {
 /// Most connections served at once.
 const MAX_CONNECTIONS: usize = 256;
 
-fn read_or_create_password(path: &Path) -> Result<String, Error> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => {
-            let pw = s.trim_end_matches(['\n', '\r']).to_string();
-            if pw.is_empty() {
-                return Err(Error::BadRequest(format!(
-                    "the password file {} is empty",
-                    path.display()
-                )));
-            }
-            Ok(pw)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let pw = uuid::Uuid::new_v4().simple().to_string();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-            writeln!(f, "{pw}").map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-            Ok(pw)
-        }
-        Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+/// The password in `path`: its first line.
+fn read_password(path: &Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let pw = text.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        return Err(Error::Config(format!(
+            "the password file {} is empty",
+            path.display()
+        )));
     }
+    Ok(pw)
+}
+
+/// The password in `path`, generated and stored (0600) if the file does
+/// not exist.
+fn read_or_create_password(path: &Path) -> Result<String, Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return read_password(path);
+    }
+    let pw = uuid::Uuid::new_v4().simple().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    writeln!(f, "{pw}").map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    Ok(pw)
 }
 
 impl Engine {
@@ -290,9 +294,7 @@ impl Engine {
             None => config.data_dir.join("password"),
         };
         let password = if config.password_file.is_some() {
-            let s = std::fs::read_to_string(&password_path)
-                .map_err(|e| Error::io(format!("read {}", password_path.display()), e))?;
-            s.trim_end_matches(['\n', '\r']).to_string()
+            read_password(&password_path)?
         } else {
             read_or_create_password(&password_path)?
         };
