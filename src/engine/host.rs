@@ -53,9 +53,10 @@ pub struct TicketStatus {
     /// A request is in flight.
     #[serde(default)]
     pub active: bool,
-    /// Seconds since the last request ended.
+    /// Seconds since the last request ended (imageio >= 1.3; older data
+    /// servers leave it out).
     #[serde(default)]
-    pub idle_time: f64,
+    pub idle_time: Option<f64>,
     /// Bytes moved (single-op tickets only).
     #[serde(default)]
     pub transferred: Option<u64>,

@@ -461,6 +461,151 @@ mod tests {
         assert!("h=/s,ftp://x".parse::<HostSpec>().is_err());
     }
 
+    /// A fake data server control API on a unix socket: records every
+    /// request and answers GET with a status that has no idle_time (as an
+    /// old or minimal data server would).
+    async fn fake_control(socket: PathBuf) -> Arc<Mutex<Vec<(String, String)>>> {
+        use http_body_util::{BodyExt, Full};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let record = record.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            record.lock().unwrap().push((
+                                method.clone(),
+                                String::from_utf8_lossy(&body).into_owned(),
+                            ));
+                            let (status, reply) = match method.as_str() {
+                                "GET" => (200, r#"{"active": false, "connections": 0}"#),
+                                "DELETE" => (204, ""),
+                                _ => (200, ""),
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(bytes::Bytes::from(reply)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        seen
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drives_any_control_api_renews_and_times_out_without_idle_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let seen = fake_control(socket.clone()).await;
+        let config = EngineConfig {
+            data_dir: dir.path().join("engine"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            password_file: None,
+            hosts: vec![HostSpec {
+                name: "fake".into(),
+                control_socket: socket,
+                data_url: "http://127.0.0.1:9".into(),
+            }],
+            timing: Timing {
+                tick: Duration::from_millis(50),
+                ticket_timeout: 2,
+                ..Timing::default()
+            },
+            tls: None,
+        };
+        let engine = Engine::start(config, Shutdown::new()).await.unwrap();
+        let state = engine.state.clone();
+        let disk = model::Disk {
+            id: model::new_id(),
+            name: "d".into(),
+            description: String::new(),
+            format: model::Format::Raw,
+            provisioned_size: 1 << 20,
+            status: model::DiskStatus::Ok,
+        };
+        state.images.create(&disk).unwrap();
+        state.db.insert_disk(&disk).unwrap();
+        let req = xml::ImageTransferIn {
+            disk: Some(xml::IdRef {
+                id: Some(disk.id.clone()),
+                name: None,
+            }),
+            inactivity_timeout: Some("3".into()),
+            ..Default::default()
+        };
+        let t = transfer::add(&state, req).unwrap();
+        let phase = || state.db.transfer(&t.id).unwrap().unwrap().phase;
+        wait_for("transferring", || phase() == model::Phase::Transferring).await;
+        let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
+        {
+            let log = seen.lock().unwrap();
+            let put: serde_json::Value = serde_json::from_str(&log[0].1).unwrap();
+            assert_eq!(log[0].0, "PUT");
+            assert_eq!(put["uuid"], t.ticket_id.as_str());
+            assert_eq!(put["size"], 1 << 20);
+            assert_eq!(put["ops"], serde_json::json!(["write"]));
+            assert_eq!(put["timeout"], 2);
+            assert_eq!(put["inactivity_timeout"], 3);
+            let url = put["url"].as_str().unwrap();
+            assert!(
+                url.starts_with("file:///") && url.ends_with(&disk.id),
+                "{url}"
+            );
+        }
+        // Renewed before the 2 s ticket runs out, while still transferring.
+        wait_for("a PATCH renewal", || calls("PATCH") > 0).await;
+        assert_eq!(phase(), model::Phase::Transferring);
+        let patch = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(m, _)| m == "PATCH")
+            .cloned()
+            .unwrap();
+        assert_eq!(patch.1, r#"{"timeout":2}"#);
+        // No idle_time reported and no progress: idle since the last
+        // update, so the legacy policy pauses the upload after 3 s.
+        wait_for("paused_system", || phase() == model::Phase::PausedSystem).await;
+        assert!(calls("GET") >= 2);
+        transfer::act(&state, &t.id, transfer::Action::Cancel)
+            .await
+            .unwrap();
+        wait_for("finished_failure", || {
+            phase() == model::Phase::FinishedFailure
+        })
+        .await;
+        assert_eq!(calls("DELETE"), 1);
+        assert!(state.db.disk(&disk.id).unwrap().is_none());
+        assert!(!state.images.path(&disk.id).exists());
+        state.shutdown.trigger();
+    }
+
     #[test]
     fn renew_margin_scales() {
         let mut t = Timing::default();

@@ -502,7 +502,14 @@ async fn watch(state: &Arc<State>, t: Transfer) -> Result<()> {
         }
         Err(e) => return control_failed(state, &t, e),
     };
-    let idle = status.idle_time;
+    // Progress counts as activity for data servers that do not report
+    // idle_time (the engine's fallback: time since the last update).
+    let progressed = status.transferred.is_some_and(|b| b != t.transferred);
+    let idle = match status.idle_time {
+        Some(idle) => idle,
+        None if progressed || status.active => 0.0,
+        None => (now() - t.updated).max(0) as f64,
+    };
     if t.inactivity_timeout > 0 && !status.active && idle > t.inactivity_timeout as f64 {
         let to = match t.timeout_policy {
             TimeoutPolicy::Legacy => stopped_by_system(&t),
@@ -525,6 +532,9 @@ async fn watch(state: &Arc<State>, t: Transfer) -> Result<()> {
         }
     }
     cas(state, &t.id, t.phase, |n| {
+        if progressed || status.active {
+            n.updated = now();
+        }
         n.failures = 0;
         n.active = status.active || status.connections > 0;
         if let Some(bytes) = status.transferred {
