@@ -464,7 +464,7 @@ mod tests {
     /// A fake data server control API on a unix socket: records every
     /// request and answers GET with a status that has no idle_time (as an
     /// old or minimal data server would).
-    async fn fake_control(socket: PathBuf) -> Arc<Mutex<Vec<(String, String)>>> {
+    async fn fake_control(socket: PathBuf, fail_delete: bool) -> Arc<Mutex<Vec<(String, String)>>> {
         use http_body_util::{BodyExt, Full};
         let seen = Arc::new(Mutex::new(Vec::new()));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
@@ -487,6 +487,7 @@ mod tests {
                             ));
                             let (status, reply) = match method.as_str() {
                                 "GET" => (200, r#"{"active": false, "connections": 0}"#),
+                                "DELETE" if fail_delete => (409, "busy"),
                                 "DELETE" => (204, ""),
                                 _ => (200, ""),
                             };
@@ -522,7 +523,7 @@ mod tests {
     async fn drives_any_control_api_renews_and_times_out_without_idle_time() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("control.sock");
-        let seen = fake_control(socket.clone()).await;
+        let seen = fake_control(socket.clone(), false).await;
         let config = EngineConfig {
             data_dir: dir.path().join("engine"),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -603,6 +604,77 @@ mod tests {
         assert_eq!(calls("DELETE"), 1);
         assert!(state.db.disk(&disk.id).unwrap().is_none());
         assert!(!state.images.path(&disk.id).exists());
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ticket_removal_failures_retry_finalize_and_give_up_on_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let seen = fake_control(socket.clone(), true).await;
+        let config = EngineConfig {
+            data_dir: dir.path().join("engine"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            password_file: None,
+            hosts: vec![HostSpec {
+                name: "fake".into(),
+                control_socket: socket,
+                data_url: "http://127.0.0.1:9".into(),
+            }],
+            timing: Timing {
+                tick: Duration::from_millis(20),
+                ..Timing::default()
+            },
+            tls: None,
+        };
+        let engine = Engine::start(config, Shutdown::new()).await.unwrap();
+        let state = engine.state.clone();
+        let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let disk = model::Disk {
+                id: model::new_id(),
+                name: "d".into(),
+                description: String::new(),
+                format: model::Format::Raw,
+                provisioned_size: 1 << 20,
+                status: model::DiskStatus::Ok,
+            };
+            state.images.create(&disk).unwrap();
+            state.db.insert_disk(&disk).unwrap();
+            let req = xml::ImageTransferIn {
+                disk: Some(xml::IdRef {
+                    id: Some(disk.id.clone()),
+                    name: None,
+                }),
+                ..Default::default()
+            };
+            let t = transfer::add(&state, req).unwrap();
+            let id = t.id.clone();
+            let st = state.clone();
+            wait_for("transferring", || {
+                st.db.transfer(&id).unwrap().unwrap().phase == model::Phase::Transferring
+            })
+            .await;
+            ids.push(t.id);
+        }
+        let phase = |id: &str| state.db.transfer(id).unwrap().unwrap().phase;
+        // Finalize keeps retrying: success is never reported with the
+        // ticket still open.
+        transfer::act(&state, &ids[0], transfer::Action::Finalize)
+            .await
+            .unwrap();
+        wait_for("DELETE retries", || calls("DELETE") >= 4).await;
+        assert_eq!(phase(&ids[0]), model::Phase::FinalizingSuccess);
+        // Cancel gives up after a few tries and ends the transfer.
+        transfer::act(&state, &ids[1], transfer::Action::Cancel)
+            .await
+            .unwrap();
+        wait_for("finished_failure", || {
+            phase(&ids[1]) == model::Phase::FinishedFailure
+        })
+        .await;
+        assert_eq!(phase(&ids[0]), model::Phase::FinalizingSuccess);
         state.shutdown.trigger();
     }
 

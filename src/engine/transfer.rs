@@ -219,6 +219,9 @@ pub async fn act(state: &Arc<State>, id: &str, action: Action) -> Result<()> {
                 }
             }
         }
+        if action != Action::Extend {
+            t.failures = 0;
+        }
         t.updated = now();
         Ok(())
     })?;
@@ -271,10 +274,24 @@ async fn ensure_backend(state: &State, t: &Transfer) -> Result<()> {
     Ok(())
 }
 
+/// Cleanup gives up deleting a ticket after this many failed tries: the
+/// ticket then expires on the data server by itself.
+const CLEANUP_TRIES: u32 = 3;
+
 /// Remove the ticket from the data server, then stop qemu-nbd if any.
-async fn release(state: &State, t: &Transfer) -> Result<()> {
+/// `give_up`: after [`CLEANUP_TRIES`] failed deletes, go on anyway (cancel
+/// and failure cleanup); otherwise keep failing so the next poll retries
+/// (finalize must not report success with the ticket still open).
+async fn release(state: &State, t: &Transfer, give_up: bool) -> Result<()> {
     if t.ticket_installed {
-        control(state, t)?.delete(&t.ticket_id).await?;
+        let deleted = async { control(state, t)?.delete(&t.ticket_id).await }.await;
+        if let Err(e) = deleted {
+            if !give_up || t.failures + 1 < CLEANUP_TRIES {
+                cas(state, &t.id, t.phase, |n| n.failures += 1)?;
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "cannot remove the ticket; it will expire by itself");
+        }
     }
     state.nbd.stop(&t.id).await;
     Ok(())
@@ -335,6 +352,7 @@ fn enter(state: &State, t: &Transfer, to: Phase, change: impl FnOnce(&mut Transf
     if let Some(n) = cas(state, &t.id, t.phase, |n| {
         n.phase = to;
         n.updated = now();
+        n.failures = 0;
         if to.is_finished() {
             n.finished_at = now();
             n.active = false;
@@ -422,7 +440,7 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
         Phase::Transferring => watch(state, t).await,
         Phase::PausedUser | Phase::PausedSystem => Ok(()),
         Phase::FinalizingSuccess => {
-            release(state, &t).await?;
+            release(state, &t, false).await?;
             let disk = state.db.disk(&t.disk_id)?;
             let verdict = match (&disk, t.direction) {
                 (Some(d), Direction::Upload) => state.images.verify(d),
@@ -449,7 +467,7 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
         Phase::CancelledUser => enter(state, &t, Phase::FinalizingCleanup, |_| {}),
         Phase::CancelledSystem => enter(state, &t, Phase::FinalizingFailure, |_| {}),
         Phase::FinalizingCleanup => {
-            release(state, &t).await?;
+            release(state, &t, true).await?;
             let status = match t.direction {
                 Direction::Upload => DiskStatus::Illegal,
                 Direction::Download => DiskStatus::Ok,
@@ -460,7 +478,7 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
             })
         }
         Phase::FinishedCleanup | Phase::FinalizingFailure => {
-            release(state, &t).await?;
+            release(state, &t, true).await?;
             match t.direction {
                 // endWithFailure: roll back the upload, removing the disk.
                 Direction::Upload => {

@@ -60,7 +60,7 @@ with connect(url, password_file) as connection:
     ok("inactivity cancel")
 
     disk, ts = start(connection, "system-legacy", host=types.Host(id=up.id),
-                     inactivity_timeout=2)
+                     inactivity_timeout=3)
     wait_phase(ts, P.PAUSED_SYSTEM)
     assert disks.disk_service(disk.id).get().status == types.DiskStatus.LOCKED
     ok("inactivity legacy upload paused_system")
