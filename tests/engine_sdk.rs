@@ -3,40 +3,33 @@
 
 mod support;
 
-use support::engine::{Engine, Imageio, have_tools, run_script};
+use support::engine::{Engine, Setup, have_tools, run_script};
 
 #[test]
 fn sdk_upload_download_pause_resume_finalize_cancel_errors() {
     if !have_tools() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let imageio = Imageio::start(&tmp.path().join("imageio"));
-    let engine = Engine::start(&tmp.path().join("engine"), &[imageio.host_arg("h1")], &[]);
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let pw = engine.password_file.to_string_lossy().into_owned();
-    let out = run_script(
+    let s = Setup::start(&[], &[]);
+    s.run(
         "engine_flows.py",
-        &[&engine.url, &pw, "h1", &work.to_string_lossy()],
+        &["h1", &s.work],
+        &[
+            "OK upload transferring",
+            "OK follow disk: locked",
+            "OK disk locked",
+            "OK pause resume",
+            "OK transferred reported",
+            "OK upload finished_success",
+            "OK pause finished 409",
+            "OK download bit-exact",
+            "OK cancel removes the disk",
+            "OK errors",
+            "OK disk removed",
+            "OK auth",
+            "DONE",
+        ],
     );
-    for step in [
-        "OK upload transferring",
-        "OK follow disk: locked",
-        "OK disk locked",
-        "OK pause resume",
-        "OK transferred reported",
-        "OK upload finished_success",
-        "OK pause finished 409",
-        "OK download bit-exact",
-        "OK cancel removes the disk",
-        "OK errors",
-        "OK disk removed",
-        "OK auth",
-        "DONE",
-    ] {
-        assert!(out.contains(step), "missing {step:?} in:\n{out}");
-    }
 }
 
 #[test]
@@ -44,25 +37,18 @@ fn cow_uploads_are_verified_at_finalize() {
     if !have_tools() || !support::require("qemu-io") {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let imageio = Imageio::start(&tmp.path().join("imageio"));
-    let engine = Engine::start(&tmp.path().join("engine"), &[imageio.host_arg("h1")], &[]);
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let pw = engine.password_file.to_string_lossy().into_owned();
-    let out = run_script(
+    let s = Setup::start(&[], &[]);
+    s.run(
         "engine_verify.py",
-        &[&engine.url, &pw, "h1", &work.to_string_lossy()],
+        &["h1", &s.work],
+        &[
+            "OK qcow2 finished_success",
+            "OK qcow2 download bit-exact",
+            "OK not qcow2 finished_failure",
+            "OK backing file finished_failure",
+            "DONE",
+        ],
     );
-    for step in [
-        "OK qcow2 finished_success",
-        "OK qcow2 download bit-exact",
-        "OK not qcow2 finished_failure",
-        "OK backing file finished_failure",
-        "DONE",
-    ] {
-        assert!(out.contains(step), "missing {step:?} in:\n{out}");
-    }
 }
 
 #[test]
@@ -70,35 +56,28 @@ fn host_down_inactivity_policies_and_ticket_renewal() {
     if !have_tools() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let imageio = Imageio::start(&tmp.path().join("imageio"));
-    let down = format!(
-        "down={},http://127.0.0.1:9",
-        tmp.path().join("no-such.sock").display()
-    );
-    let engine = Engine::start(
-        &tmp.path().join("engine"),
-        &[imageio.host_arg("h1"), down],
-        &["--ticket-timeout", "3"],
-    );
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let pw = engine.password_file.to_string_lossy().into_owned();
-    let out = run_script(
+    let down = "down=/nonexistent/control.sock,http://127.0.0.1:9".to_string();
+    let s = Setup::start(&[down], &["--ticket-timeout", "3"]);
+    s.run(
         "engine_system.py",
-        &[&engine.url, &pw, "h1", "down", &work.to_string_lossy()],
+        &["h1", "down", &s.work],
+        &[
+            "OK host down paused_system",
+            "OK inactivity cancel",
+            "OK inactivity legacy upload paused_system",
+            "OK resume after paused_system",
+            "OK inactivity legacy download cancelled",
+            "OK ticket renewed",
+            "DONE",
+        ],
     );
-    for step in [
-        "OK host down paused_system",
-        "OK inactivity cancel",
-        "OK inactivity legacy upload paused_system",
-        "OK resume after paused_system",
-        "OK inactivity legacy download cancelled",
-        "OK ticket renewed",
-        "DONE",
-    ] {
-        assert!(out.contains(step), "missing {step:?} in:\n{out}");
-    }
+}
+
+/// Files left in the engine's run dir (qemu-nbd sockets and pid files).
+fn left_in_run_dir(data: &std::path::Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(data.join("run"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -106,28 +85,22 @@ fn a_restarted_engine_keeps_disks_and_transfers() {
     if !have_tools() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let imageio = Imageio::start(&tmp.path().join("imageio"));
-    let data = tmp.path().join("engine");
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let work = work.to_string_lossy().into_owned();
-    let hosts = [imageio.host_arg("h1")];
-    let mut engine = Engine::start(&data, &hosts, &[]);
-    let pw = engine.password_file.to_string_lossy().into_owned();
-    let out = run_script("engine_restart.py", &["start", &engine.url, &pw, &work]);
-    assert!(out.contains("OK started"), "{out}");
+    let mut s = Setup::start(&[], &[]);
+    s.run("engine_restart.py", &["start", &s.work], &["OK started"]);
     // Killed mid-transfer: no chance to clean up.
-    engine.proc.signal(9);
-    engine.proc.wait_exit(std::time::Duration::from_secs(10));
-    let engine = Engine::start(&data, &hosts, &[]);
-    let out = run_script("engine_restart.py", &["finish", &engine.url, &pw, &work]);
-    assert!(out.contains("OK finished after restart: raw"), "{out}");
-    assert!(out.contains("OK finished after restart: cow"), "{out}");
+    s.engine.proc.signal(9);
+    s.engine.proc.wait_exit(std::time::Duration::from_secs(10));
+    s.engine = Engine::start(&s.data, &[s.imageio.host_arg("h1")], &[]);
+    s.run(
+        "engine_restart.py",
+        &["finish", &s.work],
+        &[
+            "OK finished after restart: raw",
+            "OK finished after restart: cow",
+        ],
+    );
     // The qemu-nbd the first engine started was stopped by the second.
-    let left: Vec<_> = std::fs::read_dir(data.join("run"))
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = left_in_run_dir(&s.data);
     assert!(left.is_empty(), "left: {left:?}");
 }
 
@@ -189,13 +162,14 @@ fn ovirt_img_upload_and_download_qcow2_and_raw() {
     if !have_tools() || !support::require("qemu-io") {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let imageio = Imageio::start(&tmp.path().join("imageio"));
-    let data = tmp.path().join("engine");
-    let engine = Engine::start(&data, &[imageio.host_arg("h1")], &[]);
-    let base = engine.url.trim_end_matches("/ovirt-engine/api").to_string();
-    let pw = engine.password_file.to_string_lossy().into_owned();
-    let w = tmp.path();
+    let s = Setup::start(&[], &[]);
+    let base = s
+        .engine
+        .url
+        .trim_end_matches("/ovirt-engine/api")
+        .to_string();
+    let pw = s.password_file.clone();
+    let w = s.tmp.path();
     let qcow = w.join("src.qcow2");
     support::run_ok(
         std::process::Command::new("qemu-img")
@@ -227,7 +201,7 @@ fn ovirt_img_upload_and_download_qcow2_and_raw() {
         let out = support::run_ok(&mut up);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("upload completed"), "{text}");
-        let image = data.join("images").join(id);
+        let image = s.data.join("images").join(id);
         let info = support::run_ok(
             std::process::Command::new("qemu-img")
                 .arg("info")
@@ -251,9 +225,6 @@ fn ovirt_img_upload_and_download_qcow2_and_raw() {
         );
     }
     // Every qemu-nbd the engine started was stopped at finalize.
-    let run = data.join("run");
-    let left: Vec<_> = std::fs::read_dir(&run)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left in {}: {left:?}", run.display());
+    let left = left_in_run_dir(&s.data);
+    assert!(left.is_empty(), "left: {left:?}");
 }

@@ -4,7 +4,7 @@ engine's qemu-nbd); `finish` (after the engine restarted on the same data
 dir) finds the transfers and disks, writes the rest, finalizes, and
 checks the data by downloading it.
 
-usage: engine_restart.py start|finish API_URL PASSWORD_FILE WORK_DIR
+usage: engine_restart.py API_URL PASSWORD_FILE start|finish WORK_DIR
 """
 
 import os
@@ -16,7 +16,7 @@ from ovirt_imageio import client
 from engine_common import (add_disk, connect, ok, put_bytes, wait_phase,
                            wait_phase_not)
 
-mode, url, password_file, work = sys.argv[1:5]
+url, password_file, mode, work = sys.argv[1:5]
 SIZE = 4 * 1024 * 1024
 HALF = SIZE // 2
 P = types.ImageTransferPhase

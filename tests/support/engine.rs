@@ -190,3 +190,56 @@ pub fn first_id(xml: &str) -> Option<&str> {
     let end = xml[start..].find('"')? + start;
     Some(&xml[start..end])
 }
+
+/// A temp dir with a real imageio daemon registered as host `h1` of an
+/// engine, and a work dir for the scripts.
+#[derive(Debug)]
+pub struct Setup {
+    /// The engine (stopped on drop, before the daemon).
+    pub engine: Engine,
+    /// The daemon.
+    pub imageio: Imageio,
+    /// Scratch files of the scripts.
+    pub work: String,
+    /// The engine's password file.
+    pub password_file: String,
+    /// The engine's data dir.
+    pub data: PathBuf,
+    /// Everything lives here.
+    pub tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Start the daemon and the engine (with `more_hosts` and `extra`
+    /// engine arguments).
+    pub fn start(more_hosts: &[String], extra: &[&str]) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let imageio = Imageio::start(&tmp.path().join("imageio"));
+        let data = tmp.path().join("engine");
+        let mut hosts = vec![imageio.host_arg("h1")];
+        hosts.extend_from_slice(more_hosts);
+        let engine = Engine::start(&data, &hosts, extra);
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        Setup {
+            password_file: engine.password_file.to_string_lossy().into_owned(),
+            work: work.to_string_lossy().into_owned(),
+            engine,
+            imageio,
+            data,
+            tmp,
+        }
+    }
+
+    /// Run `script` with API_URL PASSWORD_FILE, then `args`; assert every
+    /// line of `expect` is in its output.
+    pub fn run(&self, script: &str, args: &[&str], expect: &[&str]) -> String {
+        let mut all = vec![self.engine.url.as_str(), self.password_file.as_str()];
+        all.extend_from_slice(args);
+        let out = run_script(script, &all);
+        for step in expect {
+            assert!(out.contains(step), "missing {step:?} in:\n{out}");
+        }
+        out
+    }
+}
