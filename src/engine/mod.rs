@@ -519,11 +519,19 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn drives_any_control_api_renews_and_times_out_without_idle_time() {
+    /// An engine whose only host is a fake control API; its state, the
+    /// fake's request log, and the temp dir.
+    async fn engine_with_fake(
+        fail_delete: bool,
+        timing: Timing,
+    ) -> (
+        Arc<State>,
+        Arc<Mutex<Vec<(String, String)>>>,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("control.sock");
-        let seen = fake_control(socket.clone(), false).await;
+        let seen = fake_control(socket.clone(), fail_delete).await;
         let config = EngineConfig {
             data_dir: dir.path().join("engine"),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -533,15 +541,18 @@ mod tests {
                 control_socket: socket,
                 data_url: "http://127.0.0.1:9".into(),
             }],
-            timing: Timing {
-                tick: Duration::from_millis(50),
-                ticket_timeout: 2,
-                ..Timing::default()
-            },
+            timing,
             tls: None,
         };
         let engine = Engine::start(config, Shutdown::new()).await.unwrap();
-        let state = engine.state.clone();
+        (engine.state.clone(), seen, dir)
+    }
+
+    /// A new 1 MiB raw disk and an upload transfer of it.
+    fn disk_and_transfer(
+        state: &Arc<State>,
+        inactivity: Option<&str>,
+    ) -> (model::Disk, model::Transfer) {
         let disk = model::Disk {
             id: model::new_id(),
             name: "d".into(),
@@ -557,10 +568,22 @@ mod tests {
                 id: Some(disk.id.clone()),
                 name: None,
             }),
-            inactivity_timeout: Some("3".into()),
+            inactivity_timeout: inactivity.map(str::to_string),
             ..Default::default()
         };
-        let t = transfer::add(&state, req).unwrap();
+        let t = transfer::add(state, req).unwrap();
+        (disk, t)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drives_any_control_api_renews_and_times_out_without_idle_time() {
+        let timing = Timing {
+            tick: Duration::from_millis(50),
+            ticket_timeout: 2,
+            ..Timing::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(false, timing).await;
+        let (disk, t) = disk_and_transfer(&state, Some("3"));
         let phase = || state.db.transfer(&t.id).unwrap().unwrap().phase;
         wait_for("transferring", || phase() == model::Phase::Transferring).await;
         let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
@@ -609,47 +632,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ticket_removal_failures_retry_finalize_and_give_up_on_cancel() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("control.sock");
-        let seen = fake_control(socket.clone(), true).await;
-        let config = EngineConfig {
-            data_dir: dir.path().join("engine"),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            password_file: None,
-            hosts: vec![HostSpec {
-                name: "fake".into(),
-                control_socket: socket,
-                data_url: "http://127.0.0.1:9".into(),
-            }],
-            timing: Timing {
-                tick: Duration::from_millis(20),
-                ..Timing::default()
-            },
-            tls: None,
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
         };
-        let engine = Engine::start(config, Shutdown::new()).await.unwrap();
-        let state = engine.state.clone();
+        let (state, seen, _dir) = engine_with_fake(true, timing).await;
         let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
         let mut ids = Vec::new();
         for _ in 0..2 {
-            let disk = model::Disk {
-                id: model::new_id(),
-                name: "d".into(),
-                description: String::new(),
-                format: model::Format::Raw,
-                provisioned_size: 1 << 20,
-                status: model::DiskStatus::Ok,
-            };
-            state.images.create(&disk).unwrap();
-            state.db.insert_disk(&disk).unwrap();
-            let req = xml::ImageTransferIn {
-                disk: Some(xml::IdRef {
-                    id: Some(disk.id.clone()),
-                    name: None,
-                }),
-                ..Default::default()
-            };
-            let t = transfer::add(&state, req).unwrap();
+            let (_, t) = disk_and_transfer(&state, None);
             let id = t.id.clone();
             let st = state.clone();
             wait_for("transferring", || {
