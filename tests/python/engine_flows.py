@@ -47,6 +47,9 @@ with connect(url, password_file) as connection:
     followed = transfer_service.get(follow="disk")
     assert followed.disk.status == types.DiskStatus.LOCKED, followed.disk.status
     assert followed.disk.provisioned_size == SIZE
+    both = transfer_service.get(follow="disk,host")
+    assert both.host.name == host_name, both.host.name
+    assert both.disk.name == "flows-upload", both.disk.name
     ok("follow disk: locked")
 
     # One transfer per disk.
