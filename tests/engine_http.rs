@@ -249,4 +249,20 @@ fn password_file_is_used() {
     let (status, _, _) = login(&engine.url, "s3cret");
     assert_eq!(status, 401);
     assert!(!data.join("password").exists());
+    // One engine per data dir.
+    let out = std::process::Command::new(support::bin())
+        .args([
+            "engine",
+            "--listen",
+            "127.0.0.1:0",
+            "--host",
+            "x=/s,http://h",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another engine is using"), "{err}");
 }

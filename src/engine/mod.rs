@@ -228,6 +228,8 @@ pub struct Engine {
     url: String,
     password_path: PathBuf,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Held while the engine runs: one engine per data dir.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Engine {
@@ -242,6 +244,29 @@ impl std::fmt::Debug for Engine {
 
 /// Most connections served at once.
 const MAX_CONNECTIONS: usize = 256;
+
+/// Take `DATA_DIR/engine.lock` (flock): a second engine on the same data
+/// dir would drive the same transfers twice.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("engine.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    // SAFETY: flock(2) on a descriptor we own for the file's lifetime.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::Config(format!(
+            "another engine is using {} ({})",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(file)
+}
 
 /// The password in `path`: its first line.
 fn read_password(path: &Path) -> Result<String, Error> {
@@ -286,6 +311,7 @@ impl Engine {
     pub async fn start(config: EngineConfig, shutdown: Shutdown) -> Result<Engine, Error> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
+        let lock = lock_data_dir(&config.data_dir)?;
         let db = Db::open(&config.data_dir.join("engine.db"))?;
         let images = Images::open(config.data_dir.join("images"))?;
         let nbd = qemu::NbdServers::new(config.data_dir.join("run"))?;
@@ -335,6 +361,7 @@ impl Engine {
             url,
             password_path,
             tls,
+            _lock: lock,
         })
     }
 
