@@ -27,6 +27,8 @@ with open(src, "wb") as f:
 
 with connect(url, password_file) as connection:
     system = connection.system_service()
+    api = system.get()
+    assert api.product_info.version.major == 4, api.product_info.version
     domains = system.storage_domains_service().list()
     assert [d.name for d in domains] == ["data"], domains
     host = host_by_name(connection, host_name)
