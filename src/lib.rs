@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod bufpool;
 pub mod engine;
 pub mod imageio;
 pub mod nbd;

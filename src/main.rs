@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking_threads())
         .build()
     {
         Ok(rt) => rt,
@@ -31,4 +32,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Threads for blocking file I/O: enough to keep a disk queue busy, few
+/// enough not to thrash a small machine (`NBDBRIDGE_IO_THREADS` overrides).
+fn blocking_threads() -> usize {
+    std::env::var("NBDBRIDGE_IO_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(16)
 }

@@ -1,9 +1,12 @@
 //! A local raw file as an NBD backend: used by `serve --file`, the tests and
 //! the benches.
 
-use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Result, ZeroFlags};
+use super::{
+    Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, ReadChunk, Result,
+    SPARSE_READ_EXTENTS, ZeroFlags, plan_sparse_read,
+};
 use crate::store::FileStore;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -56,17 +59,57 @@ impl Backend for FileBackend {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.blocking("read", move |s| {
-            let mut buf = BytesMut::zeroed(len);
-            s.read_at(offset, &mut buf)?;
-            Ok(buf.freeze())
-        })
-        .await
+        // Data in the page cache is copied right here: a trip to the blocking
+        // pool costs more than the copy.
+        if let Ok(Some(data)) = self.store.try_read_cached(offset, len) {
+            return Ok(data);
+        }
+        self.blocking("read", move |s| s.read_new(offset, len))
+            .await
+    }
+
+    async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        // Holes come from lseek, which does not wait for data; cached data is
+        // copied right here. Only what would block goes to the blocking pool.
+        let extents: Vec<Extent> = self
+            .store
+            .extents(offset, len as u64, SPARSE_READ_EXTENTS)
+            .unwrap_or_default()
+            .into_iter()
+            .map(to_extent)
+            .collect();
+        let mut chunks = Vec::new();
+        for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
+            let chunk = if zero {
+                ReadChunk::Zero {
+                    offset: start,
+                    len: run,
+                }
+            } else {
+                ReadChunk::Data {
+                    offset: start,
+                    data: self.read(start, run as usize).await?,
+                }
+            };
+            chunks.push(chunk);
+        }
+        Ok(chunks)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        // Like reads: what the page cache takes without waiting is written
+        // right here; the rest, and any sync, on the blocking pool.
+        let done = self
+            .store
+            .try_write_nowait(offset, &data)
+            .map_err(|e| Error::io("write", e))?;
+        if done == data.len() && !fua {
+            return Ok(());
+        }
         self.blocking("write", move |s| {
-            s.write_at(offset, &data)?;
+            if let Some(rest) = data.get(done..) {
+                s.write_at(offset + done as u64, rest)?;
+            }
             if fua {
                 s.flush()?;
             }
@@ -129,14 +172,15 @@ impl Backend for FileBackend {
         let found = self
             .blocking("extents", move |s| s.extents(offset, len, max_count))
             .await?;
-        Ok(found
-            .into_iter()
-            .map(|e| Extent {
-                offset: e.offset,
-                len: e.len,
-                hole: e.hole,
-                zero: e.hole,
-            })
-            .collect())
+        Ok(found.into_iter().map(to_extent).collect())
+    }
+}
+
+fn to_extent(e: crate::store::StoreExtent) -> Extent {
+    Extent {
+        offset: e.offset,
+        len: e.len,
+        hole: e.hole,
+        zero: e.hole,
     }
 }

@@ -6,6 +6,8 @@
 
 mod error;
 pub mod file;
+pub mod imageio;
+pub mod memory;
 
 pub use error::{Error, ErrorKind, Result};
 
@@ -89,6 +91,28 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// One piece of a sparse read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadChunk {
+    /// Bytes read from the image at `offset`.
+    Data {
+        /// Image offset of the first byte.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// `len` bytes at `offset` that read as zeroes.
+    Zero {
+        /// Image offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// Most extents a sparse read looks at before reading the rest as data.
+pub const SPARSE_READ_EXTENTS: usize = 64;
+
 /// How a zero request may be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ZeroFlags {
@@ -110,6 +134,45 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Read `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Read `len` bytes at `offset` as data and zero runs, in order,
+    /// covering the range exactly. Zero runs are not read at all.
+    ///
+    /// The default asks `extents` for allocation, then reads the data runs;
+    /// backends that can do both in one step override it.
+    fn read_sparse(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
+        async move {
+            let extents = self
+                .extents(
+                    ExtentContext::Allocation,
+                    offset,
+                    len as u64,
+                    SPARSE_READ_EXTENTS,
+                )
+                .await
+                .unwrap_or_default();
+            let mut chunks = Vec::new();
+            for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
+                if zero {
+                    chunks.push(ReadChunk::Zero {
+                        offset: start,
+                        len: run,
+                    });
+                } else {
+                    let data = self.read(start, run as usize).await?;
+                    chunks.push(ReadChunk::Data {
+                        offset: start,
+                        data,
+                    });
+                }
+            }
+            Ok(chunks)
+        }
+    }
 
     /// Write `data` at `offset`; durable before returning when `fua`.
     fn write(&self, offset: u64, data: Bytes, fua: bool)
@@ -142,4 +205,68 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
         max_count: usize,
     ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+}
+
+/// Split `offset..offset+len` into (start, len, reads-as-zero) runs from
+/// allocation `extents`, merging neighbours; whatever the extents do not
+/// cover is data.
+pub fn plan_sparse_read(extents: &[Extent], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset + len;
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = offset;
+    for e in extents {
+        let e_end = e.offset.saturating_add(e.len).min(end);
+        if e.offset > pos || e_end <= pos {
+            if e.offset > pos {
+                break;
+            }
+            continue;
+        }
+        push_run(&mut runs, pos, e_end - pos, e.zero);
+        pos = e_end;
+        if pos >= end {
+            break;
+        }
+    }
+    if pos < end {
+        push_run(&mut runs, pos, end - pos, false);
+    }
+    runs
+}
+
+fn push_run(runs: &mut Vec<(u64, u64, bool)>, start: u64, len: u64, zero: bool) {
+    match runs.last_mut() {
+        Some(last) if last.2 == zero => last.1 += len,
+        _ => runs.push((start, len, zero)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, len: u64, zero: bool) -> Extent {
+        Extent {
+            offset,
+            len,
+            hole: zero,
+            zero,
+        }
+    }
+
+    #[test]
+    fn plan_merges_and_fills_gaps() {
+        let e = [ext(0, 10, false), ext(10, 10, false), ext(20, 100, true)];
+        assert_eq!(
+            plan_sparse_read(&e, 5, 50),
+            vec![(5, 15, false), (20, 35, true)]
+        );
+        // Nothing known: all data.
+        assert_eq!(plan_sparse_read(&[], 7, 3), vec![(7, 3, false)]);
+        // Extents stopping short: the rest is data.
+        assert_eq!(
+            plan_sparse_read(&[ext(0, 4, true)], 0, 10),
+            vec![(0, 4, true), (4, 6, false)]
+        );
+    }
 }

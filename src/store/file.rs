@@ -3,6 +3,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest zero buffer written when the filesystem cannot zero a range.
 const ZERO_BUF: usize = 1024 * 1024;
@@ -25,6 +26,8 @@ pub struct FileStore {
     path: PathBuf,
     size: u64,
     writable: bool,
+    /// Whether `RWF_NOWAIT` writes are worth trying on this file.
+    nowait_writes: AtomicBool,
 }
 
 impl FileStore {
@@ -48,6 +51,7 @@ impl FileStore {
             path: path.to_path_buf(),
             size,
             writable,
+            nowait_writes: AtomicBool::new(true),
         })
     }
 
@@ -68,6 +72,7 @@ impl FileStore {
             path: path.to_path_buf(),
             size,
             writable: true,
+            nowait_writes: AtomicBool::new(true),
         })
     }
 
@@ -107,6 +112,108 @@ impl FileStore {
             }
         }
         Ok(())
+    }
+
+    /// Read `len` bytes at `offset` into a pooled buffer (see
+    /// [`crate::bufpool`]). Bytes past the end of the file read as zeroes.
+    ///
+    /// # Errors
+    /// The read failed.
+    pub fn read_new(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let mut buf = crate::bufpool::PoolBuf::new(len);
+        self.read_at(offset, buf.as_mut_slice())?;
+        Ok(buf.freeze())
+    }
+
+    /// Read `len` bytes at `offset` only if that needs no waiting: the data
+    /// is in the page cache (`preadv2` with `RWF_NOWAIT`). `Ok(None)` means
+    /// the read would block (or the kernel cannot tell): do it on a blocking
+    /// thread with [`FileStore::read_new`].
+    ///
+    /// # Errors
+    /// The read failed for another reason.
+    pub fn try_read_cached(&self, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
+        if offset.saturating_add(len as u64) > self.size {
+            return Ok(None);
+        }
+        let mut buf = crate::bufpool::PoolBuf::new(len);
+        let slice = buf.as_mut_slice();
+        let mut done = 0usize;
+        while done < len {
+            let Some(rest) = slice.get_mut(done..) else {
+                break;
+            };
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast::<libc::c_void>(),
+                iov_len: rest.len(),
+            };
+            let pos = libc::off_t::try_from(offset + done as u64).map_err(|_| einval())?;
+            // SAFETY: one iovec over `rest`, memory owned by `buf` and valid for
+            // writes of `rest.len()` bytes for the duration of the call.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN)
+                    | Some(libc::EOPNOTSUPP)
+                    | Some(libc::ENOSYS)
+                    | Some(libc::EINVAL) => Ok(None),
+                    _ => Err(err),
+                };
+            }
+            if n == 0 {
+                return Ok(None);
+            }
+            done += n as usize;
+        }
+        Ok(Some(buf.freeze()))
+    }
+
+    /// Write as much of `data` at `offset` as can be written without
+    /// waiting (`pwritev2` with `RWF_NOWAIT`); how many bytes that was. The
+    /// rest goes through [`FileStore::write_at`] on a blocking thread.
+    ///
+    /// # Errors
+    /// The write failed for a reason other than "would block".
+    pub fn try_write_nowait(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let Some(rest) = data.get(done..) else {
+                break;
+            };
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr().cast_mut().cast::<libc::c_void>(),
+                iov_len: rest.len(),
+            };
+            let pos = libc::off_t::try_from(offset + done as u64).map_err(|_| einval())?;
+            // SAFETY: one iovec over `rest`, valid for reads of `rest.len()`
+            // bytes for the duration of the call; the kernel only reads it.
+            let n =
+                unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => Ok(done),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                        // This filesystem never takes buffered writes without
+                        // waiting (ext4 here): stop asking.
+                        self.nowait_writes.store(false, Ordering::Relaxed);
+                        Ok(done)
+                    }
+                    _ => Err(err),
+                };
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+        }
+        Ok(done)
     }
 
     /// Write all of `data` at `offset`.
@@ -362,6 +469,41 @@ mod tests {
         let ext = s.extents(0, 10 << 20, 10).unwrap();
         let end = ext.last().map(|e| e.offset + e.len).unwrap();
         assert_eq!(end, 1 << 20);
+    }
+
+    #[test]
+    fn read_new_matches_read_at() {
+        let (_d, s) = store(1 << 20);
+        s.write_at(100, &[3u8; 5000]).unwrap();
+        let got = s.read_new(50, 6000).unwrap();
+        let mut want = vec![0u8; 6000];
+        s.read_at(50, &mut want).unwrap();
+        assert_eq!(&got[..], &want[..]);
+        let tail = s.read_new((1 << 20) - 10, 30).unwrap();
+        assert_eq!(&tail[..], &[0u8; 30][..]);
+    }
+
+    #[test]
+    fn cached_read_gives_the_data_or_nothing() {
+        let (_d, s) = store(1 << 20);
+        s.write_at(0, &[4u8; 8192]).unwrap();
+        // Just written: in the page cache, unless the kernel cannot tell.
+        if let Some(b) = s.try_read_cached(100, 5000).unwrap() {
+            assert_eq!(&b[..], &[4u8; 5000][..]);
+        }
+        assert!(s.try_read_cached((1 << 20) - 1, 2).unwrap().is_none());
+    }
+
+    #[test]
+    fn nowait_write_then_rest() {
+        let (_d, s) = store(1 << 20);
+        let data = vec![6u8; 100_000];
+        let n = s.try_write_nowait(10, &data).unwrap();
+        assert!(n <= data.len());
+        s.write_at(10 + n as u64, &data[n..]).unwrap();
+        let mut back = vec![0u8; 100_000];
+        s.read_at(10, &mut back).unwrap();
+        assert_eq!(back, data);
     }
 
     #[test]

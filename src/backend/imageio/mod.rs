@@ -1,0 +1,575 @@
+//! The imageio backend: every NBD command becomes ranged HTTP against an
+//! ovirt-imageio ticket URL (ours or the real daemon).
+//!
+//! - READ → `GET` with `Range`; holes known from the extents are answered
+//!   without a request.
+//! - WRITE → `PUT ?flush=n` with `Content-Range` (FUA: `flush=y`).
+//! - WRITE_ZEROES → `PATCH {"op":"zero"}`; TRIM too on sparse tickets.
+//! - FLUSH → `PATCH {"op":"flush"}` on every connection that wrote.
+//! - BLOCK_STATUS → `GET extents?context=zero`, fetched once and kept
+//!   coherent with our own writes; `context=dirty` for dirty bitmaps.
+//!
+//! Connections: a pool of HTTP/1.1 keep-alive connections sized from the
+//! server's `max_readers` / `max_writers`, over the data server's unix
+//! socket when it is on this host. This module is the only code that reads
+//! HTTP statuses and transport errors ([`status`]).
+
+pub mod extent_map;
+mod pool;
+pub mod status;
+pub mod wire;
+
+use self::extent_map::ExtentMap;
+use self::pool::Pool;
+use self::status::{ErrorContext, check, transport};
+use self::wire::{Options, Patch, parse_extents};
+use super::{
+    Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, ReadChunk, Result,
+    SPARSE_READ_EXTENTS, ZeroFlags, plan_sparse_read,
+};
+use crate::bufpool::PoolBuf;
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Most HTTP connections opened to one ticket.
+pub const MAX_CONNECTIONS: usize = 8;
+/// Largest extents answer accepted (bytes of JSON).
+const MAX_EXTENTS_BODY: usize = 256 * 1024 * 1024;
+/// Zeroes written per PUT when the server cannot zero by itself.
+const ZERO_CHUNK: usize = 4 * 1024 * 1024;
+/// Attempts for an idempotent request whose connection failed.
+const ATTEMPTS: u32 = 3;
+
+/// How to reach the data server.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Skip certificate verification (`--insecure`).
+    pub insecure: bool,
+    /// Trust only these PEM CA certificates (`--ca-file`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What the caller knows about the ticket.
+#[derive(Debug, Clone, Default)]
+pub struct ImageioConfig {
+    /// The ticket URL: `https://host:54322/images/<ticket>`.
+    pub url: String,
+    /// The image size, when known (a transfer's disk); else from extents.
+    pub size: Option<u64>,
+    /// Refuse writes (download transfers).
+    pub read_only: bool,
+    /// Whether zeroing deallocates (the ticket's `sparse`), when known.
+    pub sparse: Option<bool>,
+    /// Serve `extents?context=dirty` as `qemu:dirty-bitmap:<name>`.
+    pub dirty_bitmap: Option<String>,
+    /// TLS settings for `https` URLs.
+    pub tls: TlsOptions,
+    /// Use the data server's unix socket when it is on this host.
+    pub use_unix_socket: bool,
+    /// Cap on connections (default [`MAX_CONNECTIONS`]).
+    pub max_connections: Option<usize>,
+}
+
+/// An image transfer's data, over HTTP.
+#[derive(Debug)]
+pub struct ImageioBackend {
+    url: String,
+    pool: Pool,
+    options: Options,
+    size: u64,
+    read_only: bool,
+    sparse: Option<bool>,
+    dirty_bitmap: Option<String>,
+    map: Option<Mutex<ExtentMap>>,
+    dirty: tokio::sync::OnceCell<ExtentMap>,
+    ended: Arc<AtomicBool>,
+}
+
+impl ImageioBackend {
+    /// Ask the server what it offers (OPTIONS), learn the size and the
+    /// extents, and open the connection pool.
+    ///
+    /// # Errors
+    /// The server cannot be reached, refuses the ticket, or the size
+    /// cannot be known.
+    pub async fn connect(config: ImageioConfig) -> Result<Self> {
+        let url = config.url.trim_end_matches('/').to_string();
+        let probe = pool::build_client(&config.tls, None)?;
+        let ctx = ErrorContext::default();
+        let resp = probe
+            .request(reqwest::Method::OPTIONS, &url)
+            .send()
+            .await
+            .map_err(|e| transport("OPTIONS", &e))?;
+        let resp = check(resp, "OPTIONS", &ctx).await?;
+        let body = resp.bytes().await.map_err(|e| transport("OPTIONS", &e))?;
+        let options: Options = serde_json::from_slice(&body).map_err(|e| {
+            Error::new(
+                ErrorKind::Invalid,
+                format!("OPTIONS {url}: not an imageio answer: {e}"),
+            )
+        })?;
+        let unix = if config.use_unix_socket {
+            local_socket(&url, options.unix_socket.as_deref())
+        } else {
+            None
+        };
+        let (data_url, unix) = match unix {
+            Some(path) => (rebase_to_unix(&url), Some(path)),
+            None => (url.clone(), None),
+        };
+        let advised = if config.read_only {
+            options.max_readers
+        } else {
+            options.max_writers
+        };
+        let n = (advised.unwrap_or(1).max(1) as usize)
+            .min(config.max_connections.unwrap_or(MAX_CONNECTIONS).max(1));
+        let pool = Pool::new(n, &config.tls, unix.as_deref())?;
+        tracing::info!(
+            connections = n,
+            unix_socket = unix.as_ref().map(|p| p.display().to_string()),
+            features = ?options.features,
+            "imageio backend ready"
+        );
+        let mut backend = ImageioBackend {
+            url: data_url,
+            pool,
+            options,
+            size: config.size.unwrap_or(0),
+            read_only: config.read_only,
+            sparse: config.sparse,
+            dirty_bitmap: config.dirty_bitmap,
+            map: None,
+            dirty: tokio::sync::OnceCell::new(),
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        let extents = if backend.options.has("extents") {
+            Some(backend.fetch_extents("zero").await?)
+        } else {
+            None
+        };
+        let size = match (config.size, &extents) {
+            (Some(s), _) => s,
+            (None, Some(list)) => list.iter().map(|e| e.offset + e.len).max().unwrap_or(0),
+            (None, None) => {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    "the data server reports no extents, so the image size is unknown; give it",
+                ));
+            }
+        };
+        backend.size = size;
+        backend.map = extents.map(|list| Mutex::new(ExtentMap::new(list, size)));
+        Ok(backend)
+    }
+
+    /// Mark the transfer as ended: from now on a refused request means the
+    /// server is going away (ESHUTDOWN), not a permission problem.
+    pub fn set_ended(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Send one flush on every connection that wrote since the last flush,
+    /// e.g. to keep idle connections alive.
+    ///
+    /// # Errors
+    /// A flush failed.
+    pub async fn flush_all(&self) -> Result<()> {
+        Backend::flush(self).await
+    }
+
+    fn ctx(&self) -> ErrorContext {
+        ErrorContext {
+            ended: self.ended.load(Ordering::SeqCst),
+        }
+    }
+
+    async fn fetch_extents(&self, context: &str) -> Result<Vec<Extent>> {
+        let what = "GET extents";
+        let url = format!("{}/extents?context={context}", self.url);
+        let conn = self.pool.get().await?;
+        let resp = conn
+            .client()
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| transport(what, &e))?;
+        let mut resp = check(resp, what, &self.ctx()).await?;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
+            if body.len() + chunk.len() > MAX_EXTENTS_BODY {
+                return Err(Error::new(ErrorKind::Io, "extents answer is too large"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let list = parse_extents(&body).map_err(|m| Error::new(ErrorKind::Io, m))?;
+        Ok(list
+            .iter()
+            .map(|e| {
+                if context == "dirty" {
+                    e.dirty()
+                } else {
+                    e.allocation()
+                }
+            })
+            .collect())
+    }
+
+    fn mark(&self, offset: u64, len: u64, hole: bool, zero: bool) {
+        if let Some(map) = &self.map {
+            if let Ok(mut m) = map.lock() {
+                m.set(offset, len, hole, zero);
+            }
+        }
+    }
+
+    async fn read_once(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let what = "GET";
+        let conn = self.pool.get().await?;
+        let range = format!("bytes={}-{}", offset, offset + len as u64 - 1);
+        let resp = conn
+            .client()
+            .get(&self.url)
+            .header(reqwest::header::RANGE, range)
+            .send()
+            .await
+            .map_err(|e| transport(what, &e))?;
+        let mut resp = check(resp, what, &self.ctx()).await?;
+        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("GET answered {} to a range request", resp.status()),
+            ));
+        }
+        let mut buf = PoolBuf::new(len);
+        let dst = buf.as_mut_slice();
+        let mut filled = 0usize;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
+            let Some(slot) = dst.get_mut(filled..filled + chunk.len()) else {
+                return Err(Error::new(ErrorKind::Io, "GET sent more than the range"));
+            };
+            slot.copy_from_slice(&chunk);
+            filled += chunk.len();
+        }
+        if filled != len {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("GET sent {filled} of {len} bytes"),
+            ));
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn put_once(&self, offset: u64, data: &Bytes, flush: bool) -> Result<()> {
+        let what = "PUT";
+        let conn = self.pool.get().await?;
+        let range = format!(
+            "bytes {}-{}/*",
+            offset,
+            offset + (data.len() as u64).max(1) - 1
+        );
+        let url = format!("{}?flush={}", self.url, if flush { "y" } else { "n" });
+        let resp = conn
+            .client()
+            .put(&url)
+            .header(reqwest::header::CONTENT_RANGE, range)
+            .body(data.clone())
+            .send()
+            .await
+            .map_err(|e| transport(what, &e))?;
+        check(resp, what, &self.ctx()).await?;
+        conn.set_dirty();
+        Ok(())
+    }
+
+    async fn patch_once(&self, patch: &Patch) -> Result<()> {
+        let what = "PATCH";
+        let body = serde_json::to_vec(patch)
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("PATCH body: {e}")))?;
+        let conn = self.pool.get().await?;
+        let resp = conn
+            .client()
+            .patch(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| transport(what, &e))?;
+        check(resp, what, &self.ctx()).await?;
+        conn.set_dirty();
+        Ok(())
+    }
+
+    async fn write_zeroes_by_put(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let zeroes = Bytes::from(vec![0u8; ZERO_CHUNK.min(len as usize)]);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            let last = done + n as u64 == len;
+            let chunk = zeroes.slice(..n);
+            retry(|| self.put_once(offset + done, &chunk, fua && last)).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Run an idempotent request up to [`ATTEMPTS`] times while it fails with
+/// a transport error (a dropped keep-alive connection, a reset).
+async fn retry<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e)
+                if e.kind() == ErrorKind::Io && status::is_transport(&e) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(error = %e, attempt, "retrying");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+impl Backend for ImageioBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let zero = self.options.has("zero");
+        Capabilities {
+            read_only: self.read_only,
+            flush: self.options.has("flush"),
+            fua: true,
+            trim: zero && self.sparse == Some(true),
+            zero,
+            fast_zero: zero,
+            cache: false,
+            multi_conn: true,
+            extents: self.map.is_some(),
+            dirty_bitmap: self.dirty_bitmap.clone(),
+            min_block: 1,
+            preferred_block: 4096,
+            max_payload: 32 * 1024 * 1024,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        retry(|| self.read_once(offset, len)).await
+    }
+
+    async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        let extents = match &self.map {
+            Some(map) => map
+                .lock()
+                .map(|m| m.query(offset, len as u64, SPARSE_READ_EXTENTS))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut chunks = Vec::new();
+        for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
+            chunks.push(if zero {
+                ReadChunk::Zero {
+                    offset: start,
+                    len: run,
+                }
+            } else {
+                ReadChunk::Data {
+                    offset: start,
+                    data: self.read(start, run as usize).await?,
+                }
+            });
+        }
+        Ok(chunks)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        retry(|| self.put_once(offset, &data, fua)).await?;
+        self.mark(offset, len, false, false);
+        Ok(())
+    }
+
+    async fn zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let can_zero = self.options.has("zero");
+        // imageio punches holes on sparse tickets whatever we ask, so
+        // NO_HOLE there needs real zeroes.
+        let would_punch = flags.no_hole && self.sparse == Some(true);
+        if !can_zero || would_punch {
+            if flags.fast {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "the data server cannot zero this range quickly",
+                ));
+            }
+            self.write_zeroes_by_put(offset, len, flags.fua).await?;
+            self.mark(offset, len, false, true);
+            return Ok(());
+        }
+        let patch = Patch::Zero {
+            offset,
+            size: len,
+            flush: flags.fua,
+        };
+        retry(|| self.patch_once(&patch)).await?;
+        self.mark(offset, len, self.sparse == Some(true), true);
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        if !self.capabilities().trim {
+            return Ok(());
+        }
+        let flags = ZeroFlags {
+            no_hole: false,
+            fast: true,
+            fua,
+        };
+        self.zero(offset, len, flags).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if !self.options.has("flush") {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&Patch::Flush)
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("PATCH body: {e}")))?;
+        let ctx = self.ctx();
+        self.pool
+            .flush_dirty(|client| {
+                let url = self.url.clone();
+                let body = body.clone();
+                async move {
+                    let resp = client
+                        .patch(&url)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| transport("PATCH flush", &e))?;
+                    check(resp, "PATCH flush", &ctx).await.map(|_| ())
+                }
+            })
+            .await
+    }
+
+    async fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    async fn extents(
+        &self,
+        context: ExtentContext,
+        offset: u64,
+        len: u64,
+        max_count: usize,
+    ) -> Result<Vec<Extent>> {
+        match context {
+            ExtentContext::Allocation => match &self.map {
+                Some(map) => map
+                    .lock()
+                    .map(|m| m.query(offset, len, max_count))
+                    .map_err(|_| Error::new(ErrorKind::Io, "extent map poisoned")),
+                None => Ok(vec![Extent {
+                    offset,
+                    len,
+                    hole: false,
+                    zero: false,
+                }]),
+            },
+            ExtentContext::Dirty => {
+                let map = self
+                    .dirty
+                    .get_or_try_init(|| async {
+                        let list = self.fetch_extents("dirty").await?;
+                        Ok::<_, Error>(ExtentMap::new(list, self.size))
+                    })
+                    .await?;
+                Ok(map.query(offset, len, max_count))
+            }
+        }
+    }
+}
+
+/// The data server's unix socket, when the URL names this host and the
+/// socket is a path we can reach.
+fn local_socket(url: &str, socket: Option<&str>) -> Option<PathBuf> {
+    let socket = socket?;
+    if socket.is_empty() || socket.starts_with('\0') {
+        return None;
+    }
+    let host = url
+        .split("://")
+        .nth(1)?
+        .split('/')
+        .next()?
+        .rsplit_once(':')
+        .map_or_else(|| url.split("://").nth(1).unwrap_or(""), |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1")
+        || hostname().is_some_and(|h| h == host);
+    let path = PathBuf::from(socket);
+    (local && path.exists()).then_some(path)
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// `https://host:port/images/T` → `http://localhost/images/T` for the
+/// unix socket (which speaks plain HTTP).
+fn rebase_to_unix(url: &str) -> String {
+    let path = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.find('/').map(|i| &rest[i..]))
+        .unwrap_or("/");
+    format!("http://localhost{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_rebase_keeps_the_path() {
+        assert_eq!(
+            rebase_to_unix("https://host.example:54322/images/abc"),
+            "http://localhost/images/abc"
+        );
+    }
+
+    #[test]
+    fn only_local_hosts_use_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        std::fs::write(&sock, b"").unwrap();
+        let s = sock.to_str().unwrap();
+        assert!(local_socket("http://127.0.0.1:1234/images/x", Some(s)).is_some());
+        assert!(local_socket("http://[::1]:1234/images/x", Some(s)).is_some());
+        assert!(local_socket("http://10.1.2.3:1234/images/x", Some(s)).is_none());
+        assert!(
+            local_socket("http://127.0.0.1:1/images/x", Some("\0/org/ovirt/imageio")).is_none()
+        );
+        assert!(local_socket("http://127.0.0.1:1/images/x", None).is_none());
+    }
+}

@@ -1,0 +1,345 @@
+//! The fixed-newstyle handshake: greeting, client flags, and a bounded
+//! option loop ending in transmission (GO / EXPORT_NAME) or a close.
+
+pub mod meta;
+pub mod option;
+pub mod reply;
+
+use self::meta::{MetaSelection, context_id, match_list, match_set};
+use self::option::{InfoRequest, MetaRequest, OptionRequest, parse_option};
+use self::reply::*;
+use super::consts::*;
+use super::error::ProtocolError;
+use super::export::{Export, Exports};
+use super::mode::ReplyMode;
+use crate::backend::Backend;
+use crate::shutdown::Shutdown;
+use bytes::BytesMut;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest option payload accepted; a longer one ends the connection.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Most options one connection may send before transmission.
+pub const MAX_OPTIONS: usize = 128;
+
+/// What the handshake agreed on.
+#[derive(Debug)]
+pub struct Negotiated<B> {
+    /// The export chosen.
+    pub export: Arc<Export<B>>,
+    /// The reply style.
+    pub mode: ReplyMode,
+    /// Selected metadata contexts.
+    pub meta: MetaSelection,
+    /// Transmission flags sent to the client.
+    pub flags: u16,
+}
+
+/// Run the handshake. `Ok(None)`: the client aborted or left cleanly before
+/// transmission.
+///
+/// # Errors
+/// The client broke the protocol, sent too much, or the socket failed.
+pub async fn negotiate<R, W, B>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &Exports<B>,
+    shutdown: &Shutdown,
+) -> Result<Option<Negotiated<B>>, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    B: Backend,
+{
+    let mut greeting = [0u8; 18];
+    greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting[16..18].copy_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
+    writer.write_all(&greeting).await?;
+    writer.flush().await?;
+
+    let client_flags = match reader.read_u32().await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
+        return Err(ProtocolError::violation(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let mut state = State {
+        exports,
+        mode: ReplyMode::Simple,
+        meta: MetaSelection::default(),
+        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        out: BytesMut::with_capacity(512),
+    };
+
+    for _ in 0..MAX_OPTIONS {
+        let mut head = [0u8; 16];
+        match reader.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let (magic, code, len) = parse_option_header(&head);
+        if magic != IHAVEOPT {
+            return Err(ProtocolError::violation(format!(
+                "bad option magic {magic:#x}"
+            )));
+        }
+        if len > MAX_OPTION_LEN {
+            return Err(ProtocolError::TooLarge(format!(
+                "{} of {len} bytes (limit {MAX_OPTION_LEN})",
+                option_name(code)
+            )));
+        }
+        let mut data = vec![0u8; len as usize];
+        reader.read_exact(&mut data).await?;
+        let request = parse_option(code, &data);
+        tracing::debug!(option = option_name(code), len, "option");
+
+        let step = if shutdown.is_triggered() && request != OptionRequest::Abort {
+            encode_error(
+                &mut state.out,
+                code,
+                NBD_REP_ERR_SHUTDOWN,
+                "server is shutting down",
+            );
+            Step::Continue
+        } else {
+            state.handle(code, request)
+        };
+        if !state.out.is_empty() {
+            writer.write_all(&state.out).await?;
+            writer.flush().await?;
+            state.out.clear();
+        }
+        match step {
+            Step::Continue => {}
+            Step::Close => return Ok(None),
+            Step::Transmission(export) => {
+                let flags = export.transmission_flags(state.mode);
+                if state.meta.export != export.name() {
+                    state.meta = MetaSelection::default();
+                }
+                return Ok(Some(Negotiated {
+                    export,
+                    mode: state.mode,
+                    meta: state.meta,
+                    flags,
+                }));
+            }
+        }
+    }
+    Err(ProtocolError::TooLarge(format!(
+        "more than {MAX_OPTIONS} options"
+    )))
+}
+
+fn parse_option_header(head: &[u8; 16]) -> (u64, u32, u32) {
+    let mut magic = [0u8; 8];
+    magic.copy_from_slice(&head[0..8]);
+    let mut code = [0u8; 4];
+    code.copy_from_slice(&head[8..12]);
+    let mut len = [0u8; 4];
+    len.copy_from_slice(&head[12..16]);
+    (
+        u64::from_be_bytes(magic),
+        u32::from_be_bytes(code),
+        u32::from_be_bytes(len),
+    )
+}
+
+enum Step<B> {
+    Continue,
+    Close,
+    Transmission(Arc<Export<B>>),
+}
+
+struct State<'a, B> {
+    exports: &'a Exports<B>,
+    mode: ReplyMode,
+    meta: MetaSelection,
+    no_zeroes: bool,
+    out: BytesMut,
+}
+
+impl<B: Backend> State<'_, B> {
+    fn handle(&mut self, code: u32, request: OptionRequest) -> Step<B> {
+        match request {
+            OptionRequest::ExportName(name) => {
+                if self.mode == ReplyMode::Extended {
+                    tracing::info!("EXPORT_NAME after EXTENDED_HEADERS: closing");
+                    return Step::Close;
+                }
+                let Some(export) = self.exports.find(&name) else {
+                    tracing::info!(export = %name, "unknown export: closing");
+                    return Step::Close;
+                };
+                let export = Arc::clone(export);
+                encode_export_name_reply(
+                    &mut self.out,
+                    export.size(),
+                    export.transmission_flags(self.mode),
+                    self.no_zeroes,
+                );
+                Step::Transmission(export)
+            }
+            OptionRequest::Abort => {
+                encode_ack(&mut self.out, code);
+                Step::Close
+            }
+            OptionRequest::List => {
+                for export in self.exports.iter() {
+                    encode_server(
+                        &mut self.out,
+                        code,
+                        export.name(),
+                        export.description().unwrap_or(""),
+                    );
+                }
+                encode_ack(&mut self.out, code);
+                Step::Continue
+            }
+            OptionRequest::StartTls => {
+                encode_error(
+                    &mut self.out,
+                    code,
+                    NBD_REP_ERR_UNSUP,
+                    "TLS is not supported by this server",
+                );
+                Step::Continue
+            }
+            OptionRequest::Info(req) => {
+                self.info(code, &req);
+                Step::Continue
+            }
+            OptionRequest::Go(req) => match self.info(code, &req) {
+                Some(export) => Step::Transmission(export),
+                None => Step::Continue,
+            },
+            OptionRequest::StructuredReply => {
+                if self.mode == ReplyMode::Extended {
+                    encode_error(
+                        &mut self.out,
+                        code,
+                        NBD_REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already on",
+                    );
+                } else {
+                    self.mode = ReplyMode::Structured;
+                    encode_ack(&mut self.out, code);
+                }
+                Step::Continue
+            }
+            OptionRequest::ExtendedHeaders => {
+                self.mode = ReplyMode::Extended;
+                encode_ack(&mut self.out, code);
+                Step::Continue
+            }
+            OptionRequest::ListMetaContext(req) => {
+                self.meta_context(code, &req, false);
+                Step::Continue
+            }
+            OptionRequest::SetMetaContext(req) => {
+                self.meta = MetaSelection::default();
+                self.meta_context(code, &req, true);
+                Step::Continue
+            }
+            OptionRequest::Malformed { reason, .. } => {
+                tracing::debug!(option = option_name(code), %reason, "malformed option");
+                encode_error(&mut self.out, code, NBD_REP_ERR_INVALID, &reason);
+                Step::Continue
+            }
+            OptionRequest::Unknown(_) => {
+                encode_error(
+                    &mut self.out,
+                    code,
+                    NBD_REP_ERR_UNSUP,
+                    &format!("option {code} is not supported"),
+                );
+                Step::Continue
+            }
+        }
+    }
+
+    /// Answer INFO / GO; the export when it was found.
+    fn info(&mut self, code: u32, req: &InfoRequest) -> Option<Arc<Export<B>>> {
+        let Some(export) = self.exports.find(&req.name) else {
+            encode_error(
+                &mut self.out,
+                code,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("unknown export '{}'", req.name),
+            );
+            return None;
+        };
+        let export = Arc::clone(export);
+        encode_info_export(
+            &mut self.out,
+            code,
+            export.size(),
+            export.transmission_flags(self.mode),
+        );
+        for &info in &req.requests {
+            match info {
+                NBD_INFO_NAME => encode_info_text(&mut self.out, code, info, export.name()),
+                NBD_INFO_DESCRIPTION => {
+                    if let Some(d) = export.description() {
+                        encode_info_text(&mut self.out, code, info, d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Sent whether asked or not: clients ignore what they did not ask
+        // for, and those that care learn our limits.
+        let (min, pref, max) = export.block_sizes();
+        encode_info_block_size(&mut self.out, code, min, pref, max);
+        encode_ack(&mut self.out, code);
+        Some(export)
+    }
+
+    fn meta_context(&mut self, code: u32, req: &MetaRequest, set: bool) {
+        if self.mode < ReplyMode::Structured {
+            encode_error(
+                &mut self.out,
+                code,
+                NBD_REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
+            return;
+        }
+        let Some(export) = self.exports.find(&req.name) else {
+            encode_error(
+                &mut self.out,
+                code,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("unknown export '{}'", req.name),
+            );
+            return;
+        };
+        let available = export.contexts();
+        if set {
+            let export_name = export.name().to_string();
+            for name in match_set(&available, &req.queries) {
+                let id = context_id(name);
+                encode_meta_context(&mut self.out, code, id, name);
+                if name == BASE_ALLOCATION {
+                    self.meta.allocation = Some(id);
+                } else {
+                    self.meta.dirty = Some(id);
+                }
+            }
+            self.meta.export = export_name;
+        } else {
+            for name in match_list(&available, &req.queries) {
+                encode_meta_context(&mut self.out, code, 0, name);
+            }
+        }
+        encode_ack(&mut self.out, code);
+    }
+}

@@ -1,0 +1,305 @@
+//! The transmission phase: read → validate → spawn → one writer.
+//!
+//! The reading side parses headers and payloads in order, validates each
+//! request and spawns it; the requests run concurrently against the backend
+//! and hand their encoded replies to a single writer task, so replies go out
+//! as each completes. Semaphores bound the requests and the bytes in flight.
+
+mod execute;
+pub mod extents;
+pub mod reply;
+pub mod request;
+
+use self::request::{Command, Limits, header_len, parse_request, validate_request};
+use super::consts::*;
+use super::error::ProtocolError;
+use super::handshake::Negotiated;
+use crate::backend::Backend;
+use crate::bufpool::PoolBuf;
+use crate::shutdown::Shutdown;
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
+
+/// Limits of one connection's transmission phase.
+#[derive(Debug, Clone, Copy)]
+pub struct TransmissionConfig {
+    /// Requests in flight at once.
+    pub max_requests: u32,
+    /// Payload bytes (read replies and write payloads) in flight at once.
+    pub max_bytes: u64,
+}
+
+impl Default for TransmissionConfig {
+    fn default() -> Self {
+        TransmissionConfig {
+            max_requests: 256,
+            max_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// Bytes per byte-budget permit.
+const PERMIT_BYTES: u64 = 4096;
+
+/// How a connection's transmission phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client sent NBD_CMD_DISC.
+    Disconnect,
+    /// The client closed the socket without NBD_CMD_DISC.
+    Vanished,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// A reply ready for the wire, holding its share of the budget until written.
+struct Outgoing {
+    parts: Vec<Bytes>,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// Run the transmission phase until DISC, EOF or shutdown. In-flight
+/// requests are always finished and their replies written before it returns.
+///
+/// # Errors
+/// The client broke the protocol (bad magic, oversized payload) or the
+/// socket failed mid-request.
+pub async fn run<R, W, B>(
+    mut reader: R,
+    writer: W,
+    negotiated: Negotiated<B>,
+    config: TransmissionConfig,
+    shutdown: Shutdown,
+) -> Result<End, ProtocolError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    let Negotiated {
+        export,
+        mode,
+        meta,
+        flags,
+    } = negotiated;
+    let limits = Limits {
+        size: export.size(),
+        flags,
+        mode,
+        max_payload: export.max_payload(),
+        has_meta: !meta.is_empty(),
+    };
+    let meta = Arc::new(meta);
+    let requests = Arc::new(Semaphore::new(config.max_requests as usize));
+    let byte_permits = u32::try_from(config.max_bytes / PERMIT_BYTES)
+        .unwrap_or(u32::MAX)
+        .max(1 + limits.max_payload / PERMIT_BYTES as u32);
+    let bytes = Arc::new(Semaphore::new(byte_permits as usize));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+
+    let hlen = header_len(mode);
+    let mut head = [0u8; 32];
+    let result = loop {
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait() => break Ok(End::Shutdown),
+            r = reader.read_exact(head.get_mut(..hlen).unwrap_or_default()) => r,
+        };
+        if let Err(e) = read {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                break Ok(End::Vanished);
+            }
+            break Err(e.into());
+        }
+        let header = match parse_request(head.get(..hlen).unwrap_or_default(), mode) {
+            Ok(h) => h,
+            Err(e) => break Err(e),
+        };
+        if header.kind == NBD_CMD_DISC {
+            break Ok(End::Disconnect);
+        }
+        let payload_len = header.payload_len(mode);
+        if payload_len > u64::from(limits.max_payload) {
+            break Err(ProtocolError::TooLarge(format!(
+                "{} payload of {payload_len} bytes (limit {})",
+                command_name(header.kind),
+                limits.max_payload
+            )));
+        }
+        let validated = validate_request(&header, &limits);
+        let budget = match validated {
+            Ok(Command::Read { len, .. }) => u64::from(len),
+            _ => payload_len,
+        };
+        let Ok(count_permit) = Arc::clone(&requests).acquire_owned().await else {
+            break Ok(End::Shutdown);
+        };
+        let byte_permit = if budget > 0 {
+            let n = budget.div_ceil(PERMIT_BYTES) as u32;
+            match Arc::clone(&bytes).acquire_many_owned(n).await {
+                Ok(p) => Some(p),
+                Err(_) => break Ok(End::Shutdown),
+            }
+        } else {
+            None
+        };
+        let permits = (count_permit, byte_permit);
+        let command = match validated {
+            Ok(command) => command,
+            Err(err) => {
+                if let Err(e) = discard(&mut reader, payload_len).await {
+                    break Err(e);
+                }
+                tracing::debug!(
+                    cookie = header.cookie,
+                    cmd = command_name(header.kind),
+                    errno = err.errno,
+                    message = %err.message,
+                    "request rejected"
+                );
+                let mut buf = BytesMut::with_capacity(64);
+                reply::encode_status(&mut buf, mode, header.cookie, header.offset, Err(&err));
+                let _ = tx.send(Outgoing {
+                    parts: vec![buf.freeze()],
+                    _permits: permits,
+                });
+                continue;
+            }
+        };
+        let payload = if payload_len > 0 {
+            match read_payload(&mut reader, payload_len as usize).await {
+                Ok(p) => Some(p),
+                Err(e) => break Err(e),
+            }
+        } else {
+            None
+        };
+        let span = tracing::debug_span!(
+            "request",
+            cookie = header.cookie,
+            cmd = command_name(header.kind),
+            offset = header.offset,
+            len = header.len
+        );
+        let export = Arc::clone(&export);
+        let meta = Arc::clone(&meta);
+        let tx = tx.clone();
+        tokio::spawn(
+            async move {
+                let parts = execute::execute(
+                    &export,
+                    mode,
+                    &meta,
+                    header.cookie,
+                    header.offset,
+                    command,
+                    payload,
+                )
+                .await;
+                let _ = tx.send(Outgoing {
+                    parts,
+                    _permits: permits,
+                });
+            }
+            .instrument(span),
+        );
+    };
+
+    // Finish what is in flight: every request holds a permit until its reply
+    // is written.
+    let _all = requests.acquire_many(config.max_requests).await;
+    drop(tx);
+    match writer_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "reply writer stopped"),
+        Err(e) => tracing::warn!(error = %e, "reply writer failed"),
+    }
+    result
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+) -> Result<Bytes, ProtocolError> {
+    let mut buf = PoolBuf::new(len);
+    reader.read_exact(buf.as_mut_slice()).await?;
+    Ok(buf.freeze())
+}
+
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> Result<(), ProtocolError> {
+    if len == 0 {
+        return Ok(());
+    }
+    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(())
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> std::io::Result<()> {
+    // Replies that are ready go out together in vectored writes: headers
+    // and data of many replies in one syscall, data never copied.
+    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    let mut held: Vec<Outgoing> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(mut msg) = next {
+            queue.extend(msg.parts.drain(..).filter(|p| !p.is_empty()));
+            held.push(msg);
+            next = if held.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        write_queue(&mut writer, &mut queue).await?;
+        held.clear();
+    }
+    writer.flush().await?;
+    writer.shutdown().await.or(Ok(()))
+}
+
+/// Most replies gathered into one round of vectored writes.
+const MAX_BATCH: usize = 64;
+/// Most buffers passed to one `writev`.
+const MAX_IOVEC: usize = 128;
+
+async fn write_queue<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    queue: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !queue.is_empty() {
+        let slices: Vec<IoSlice<'_>> = queue
+            .iter()
+            .take(MAX_IOVEC)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut n = writer.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = queue.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                queue.pop_front();
+            } else {
+                bytes::Buf::advance(front, n);
+                n = 0;
+            }
+        }
+    }
+    writer.flush().await
+}
