@@ -160,9 +160,8 @@ pub struct TlsFiles {
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &Path, e: &dyn std::fmt::Display| {
         Error::Config(format!("TLS: cannot load {}: {e}", what.display()))
     };
