@@ -490,7 +490,16 @@ mod tests {
     /// A fake data server control API on a unix socket: records every
     /// request and answers GET with a status that has no idle_time (as an
     /// old or minimal data server would).
-    async fn fake_control(socket: PathBuf, fail_delete: bool) -> Arc<Mutex<Vec<(String, String)>>> {
+    /// How the fake control API misbehaves.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Fake {
+        /// DELETE answers 409.
+        fail_delete: bool,
+        /// PUT answers after this long.
+        put_delay: Duration,
+    }
+
+    async fn fake_control(socket: PathBuf, fake: Fake) -> Arc<Mutex<Vec<(String, String)>>> {
         use http_body_util::{BodyExt, Full};
         let seen = Arc::new(Mutex::new(Vec::new()));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
@@ -511,9 +520,12 @@ mod tests {
                                 method.clone(),
                                 String::from_utf8_lossy(&body).into_owned(),
                             ));
+                            if method == "PUT" {
+                                tokio::time::sleep(fake.put_delay).await;
+                            }
                             let (status, reply) = match method.as_str() {
                                 "GET" => (200, r#"{"active": false, "connections": 0}"#),
-                                "DELETE" if fail_delete => (409, "busy"),
+                                "DELETE" if fake.fail_delete => (409, "busy"),
                                 "DELETE" => (204, ""),
                                 _ => (200, ""),
                             };
@@ -548,7 +560,7 @@ mod tests {
     /// An engine whose only host is a fake control API; its state, the
     /// fake's request log, and the temp dir.
     async fn engine_with_fake(
-        fail_delete: bool,
+        fake: Fake,
         timing: Timing,
     ) -> (
         Arc<State>,
@@ -557,7 +569,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("control.sock");
-        let seen = fake_control(socket.clone(), fail_delete).await;
+        let seen = fake_control(socket.clone(), fake).await;
         let config = EngineConfig {
             data_dir: dir.path().join("engine"),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -608,7 +620,7 @@ mod tests {
             ticket_timeout: 2,
             ..Timing::default()
         };
-        let (state, seen, _dir) = engine_with_fake(false, timing).await;
+        let (state, seen, _dir) = engine_with_fake(Fake::default(), timing).await;
         let (disk, t) = disk_and_transfer(&state, Some("3"));
         let phase = || state.db.transfer(&t.id).unwrap().unwrap().phase;
         wait_for("transferring", || phase() == model::Phase::Transferring).await;
@@ -662,7 +674,11 @@ mod tests {
             tick: Duration::from_millis(20),
             ..Timing::default()
         };
-        let (state, seen, _dir) = engine_with_fake(true, timing).await;
+        let fake = Fake {
+            fail_delete: true,
+            ..Fake::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(fake, timing).await;
         let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
         let mut ids = Vec::new();
         for _ in 0..2 {
@@ -692,6 +708,39 @@ mod tests {
         })
         .await;
         assert_eq!(phase(&ids[0]), model::Phase::FinalizingSuccess);
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ticket_installed_while_the_client_paused_is_still_removed() {
+        let fake = Fake {
+            put_delay: Duration::from_millis(500),
+            ..Fake::default()
+        };
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(fake, timing).await;
+        let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
+        let (_, t) = disk_and_transfer(&state, None);
+        // Pause while the PUT is in flight (it is recorded when it arrives,
+        // answered 500 ms later).
+        wait_for("the PUT", || calls("PUT") == 1).await;
+        transfer::act(&state, &t.id, transfer::Action::Pause)
+            .await
+            .unwrap();
+        let row = || state.db.transfer(&t.id).unwrap().unwrap();
+        wait_for("ticket recorded", || row().ticket_installed).await;
+        assert_eq!(row().phase, model::Phase::PausedUser);
+        transfer::act(&state, &t.id, transfer::Action::Cancel)
+            .await
+            .unwrap();
+        wait_for("finished_failure", || {
+            row().phase == model::Phase::FinishedFailure
+        })
+        .await;
+        assert_eq!(calls("DELETE"), 1);
         state.shutdown.trigger();
     }
 

@@ -420,11 +420,15 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
                 Ok(()) => {
                     tracing::info!(%ticket, "ticket installed");
                     let expires = now() + state.config.ticket_timeout as i64;
-                    enter(state, &t, Phase::Transferring, |n| {
+                    // Recorded whatever the phase is now: a client action
+                    // that came in meanwhile (pause, cancel) must still
+                    // find the ticket to remove it.
+                    state.db.update_transfer(&t.id, |n| {
                         n.ticket_installed = true;
                         n.ticket_expires = expires;
-                        n.failures = 0;
-                    })
+                        Ok(())
+                    })?;
+                    enter(state, &t, Phase::Transferring, |_| {})
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot install the ticket");
