@@ -12,7 +12,7 @@ import ovirtsdk4.types as types
 from ovirt_imageio import client
 
 from engine_common import (add_disk, connect, expect_error, host_by_name, ok,
-                           wait_phase, wait_phase_not)
+                           wait, wait_phase, wait_phase_not)
 
 url, password_file, host_name, work = sys.argv[1:5]
 SIZE = 8 * 1024 * 1024
@@ -73,7 +73,6 @@ with connect(url, password_file) as connection:
 
     client.upload(src, transfer.transfer_url, None, secure=False)
     # The engine reports the bytes the data server counted.
-    from engine_common import wait
     wait(lambda: transfer_service.get().transferred > 0, "transferred > 0")
     ok("transferred reported")
     transfer_service.finalize()
@@ -122,7 +121,6 @@ with connect(url, password_file) as connection:
         t = transfer_service.get()
         seen.add(t.phase)
         return t.phase == P.FINISHED_FAILURE
-    from engine_common import wait
     wait(ended, "finished_failure after cancel")
     assert P.CANCELLED_USER in seen or P.FINALIZING_CLEANUP in seen or \
         P.FINISHED_CLEANUP in seen, seen

@@ -65,7 +65,6 @@ with connect(url, password_file) as connection:
     assert disks.disk_service(disk.id).get().status == types.DiskStatus.LOCKED
     ok("inactivity legacy upload paused_system")
     # Resume, then keep it busy: upload and finalize.
-    t = ts.get()
     ts.resume()
     t = wait_phase_not(ts, [P.PAUSED_SYSTEM, P.RESUMING])
     assert t.phase == P.TRANSFERRING, t.phase
