@@ -11,6 +11,7 @@
 //! - [`imageio`]: the embedded imageio-compatible data server.
 //! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
 //!   image transfer phases, state in SQLite).
+//! - [`session`]: the image transfer session (engine REST client, phases).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![deny(missing_docs)]
@@ -20,6 +21,7 @@ pub mod bufpool;
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
+pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

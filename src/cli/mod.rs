@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve an image over NBD.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run the imageio-compatible data server.
     Imageio(imageio::ImageioArgs),
     /// Run the engine-compatible ImageTransfer service.
@@ -32,7 +32,7 @@ enum Command {
 /// Run the chosen subcommand.
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Imageio(args) => imageio::run(args).await,
         Command::Engine(args) => engine::run(args).await,
     }

@@ -21,6 +21,7 @@ pub mod wire;
 
 use self::extent_map::ExtentMap;
 use self::pool::Pool;
+pub use self::pool::build_client;
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
 use super::{
@@ -180,6 +181,19 @@ impl ImageioBackend {
     /// A flush failed.
     pub async fn flush_all(&self) -> Result<()> {
         Backend::flush(self).await
+    }
+
+    /// Touch the ticket so neither it nor the transfer times out while the
+    /// NBD clients are idle: a one-byte read, which every ticket allows and
+    /// which resets the data server's idle clock.
+    ///
+    /// # Errors
+    /// The request failed.
+    pub async fn keepalive(&self) -> Result<()> {
+        if self.size == 0 {
+            return Ok(());
+        }
+        retry(|| self.read_once(0, 1)).await.map(|_| ())
     }
 
     fn ctx(&self) -> ErrorContext {

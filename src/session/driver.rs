@@ -1,0 +1,335 @@
+//! `serve` for a transfer: the NBD server over the transfer's imageio URL,
+//! driven by the phase rules of DESIGN.md.
+//!
+//! - the last client leaves with NBD_CMD_DISC, after writing and flushing
+//!   (upload) or reading (download): finalize, wait for the end phase;
+//! - the last client vanishes without DISC during an upload: pause, keep
+//!   listening; the next client resumes it;
+//! - idle clients: keep the ticket and the transfer alive;
+//! - SIGINT / SIGTERM: finish in-flight requests, flush, pause an upload
+//!   (or cancel it) / finalize a download, exit non-zero.
+
+use super::engine_client::{Direction, EngineClient};
+use super::error::{Error, Result};
+use super::gate::{Gate, GateState, GatedBackend};
+use super::phase::Phase;
+use super::transfer::{Target, TransferSession};
+use crate::backend::Backend;
+use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
+use crate::nbd::{End, Export, Exports, Listener, Observer, Server};
+use crate::shutdown::{self, Shutdown};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often the session looks at the engine while serving.
+const POLL: Duration = Duration::from_secs(5);
+
+/// What to do with an upload on SIGINT / SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnInterrupt {
+    /// Pause it (resume later with `--transfer ID`).
+    #[default]
+    Pause,
+    /// Cancel it (the partial disk is removed).
+    Cancel,
+}
+
+/// Settings of a transfer `serve`.
+#[derive(Debug)]
+pub struct DriverOptions {
+    /// Where NBD clients connect.
+    pub listener: Listener,
+    /// Export name.
+    pub export_name: String,
+    /// TLS for the data server.
+    pub tls: TlsOptions,
+    /// Upload on interrupt.
+    pub on_interrupt: OnInterrupt,
+}
+
+/// How a transfer `serve` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Transfer id.
+    pub transfer: String,
+    /// The last phase seen.
+    pub phase: Phase,
+    /// Exit 0?
+    pub success: bool,
+    /// Why, in words.
+    pub message: String,
+}
+
+#[derive(Debug)]
+enum Event {
+    Connected,
+    Closed(Option<End>),
+}
+
+struct Watcher {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Observer for Watcher {
+    fn connected(&self, _conn: u64) {
+        let _ = self.tx.send(Event::Connected);
+    }
+
+    fn disconnected(&self, _conn: u64, end: Option<End>) {
+        let _ = self.tx.send(Event::Closed(end));
+    }
+}
+
+/// Serve `target` through `client` until the transfer ends; `announce` is
+/// called with the NBD URI once clients can connect.
+///
+/// # Errors
+/// The transfer could not be set up or the engine failed.
+pub async fn run(
+    client: Arc<EngineClient>,
+    target: Target,
+    options: DriverOptions,
+    announce: impl FnOnce(&str) -> std::io::Result<()>,
+) -> Result<Outcome> {
+    let mut session = TransferSession::open(Arc::clone(&client), &target).await?;
+    let direction = session.transfer().direction;
+    let size = match &session.transfer().disk_id {
+        Some(id) => client.disk(id).await?.provisioned_size,
+        None => None,
+    };
+    let backend = Arc::new(connect_data(&session, size, direction, &options.tls).await?);
+    let gate = Gate::new(GateState::Open);
+    let gated = Arc::new(GatedBackend::new(Arc::clone(&backend), gate.clone()));
+    let export = Export::new(options.export_name.clone(), None, Arc::clone(&gated));
+    let stop = Shutdown::new();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let server = Arc::new(
+        Server::new(Exports::single(export), stop.clone()).with_observer(Arc::new(Watcher { tx })),
+    );
+    let uri = options.listener.uri(&options.export_name);
+    let mut serving = Some(tokio::spawn(Arc::clone(&server).serve(options.listener)));
+    announce(&uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
+    tracing::info!(%uri, transfer = %session.transfer().id, ?direction, "serving the transfer");
+
+    let stats = || {
+        server
+            .exports()
+            .find("")
+            .map(|e| e.stats().snapshot())
+            .unwrap_or_default()
+    };
+    let keepalive_every = Duration::from_secs(
+        session
+            .transfer()
+            .inactivity_timeout
+            .unwrap_or(60)
+            .clamp(3, 120)
+            / 3,
+    );
+    let mut active: usize = 0;
+    let mut last_io = (0u64, 0u64);
+    let mut last_activity = Instant::now();
+    let mut poll = tokio::time::interval(POLL.min(keepalive_every));
+    let signal = shutdown::signal();
+    tokio::pin!(signal);
+
+    let outcome = loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Event::Connected) => {
+                    active += 1;
+                    if gate.state() == GateState::Closed {
+                        tracing::info!("a client is back: resuming");
+                        session.resume().await?;
+                        gate.set(GateState::Open);
+                    }
+                }
+                Some(Event::Closed(end)) => {
+                    active = active.saturating_sub(1);
+                    if active > 0 {
+                        continue;
+                    }
+                    let s = stats();
+                    match end {
+                        Some(End::Disconnect) => {
+                            let done = match direction {
+                                Direction::Upload => s.writes_completed > 0 && s.flushed && s.write_failures == 0,
+                                Direction::Download => s.bytes_read > 0,
+                            };
+                            if done {
+                                tracing::info!(written = s.bytes_written, read = s.bytes_read, "last client left: finalizing");
+                                break finish(&mut session, &gate, &stop, &mut serving, &backend, FinishHow::Finalize).await?;
+                            }
+                            if direction == Direction::Upload && s.writes_completed > 0 {
+                                tracing::warn!(
+                                    flushed = s.flushed,
+                                    failed_writes = s.write_failures,
+                                    "last client left without a flush after its writes (or a write failed): not finalizing"
+                                );
+                            }
+                        }
+                        _ if direction == Direction::Upload => {
+                            tracing::info!("last client vanished without NBD_CMD_DISC: pausing");
+                            gate.set(GateState::Closed);
+                            if let Err(e) = backend.flush_all().await {
+                                tracing::warn!(error = %e, "flush before pausing failed");
+                            }
+                            session.pause().await?;
+                        }
+                        _ => tracing::info!("last client vanished; downloads cannot pause: waiting"),
+                    }
+                }
+                None => return Err(Error::Config("the NBD server stopped".into())),
+            },
+            sig = &mut signal => {
+                let sig = sig.map_err(|e| Error::Config(format!("signals: {e}")))?;
+                tracing::info!(signal = sig, "interrupted");
+                let how = match (direction, options.on_interrupt) {
+                    (Direction::Download, _) => FinishHow::Finalize,
+                    (Direction::Upload, OnInterrupt::Pause) => FinishHow::Pause,
+                    (Direction::Upload, OnInterrupt::Cancel) => FinishHow::Cancel,
+                };
+                let mut out = finish(&mut session, &gate, &stop, &mut serving, &backend, how).await?;
+                out.success = false;
+                break out;
+            }
+            _ = poll.tick() => {
+                let phase = session.refresh().await?;
+                if phase.is_failing() || phase.is_finished() {
+                    gate.set(GateState::Ended);
+                    backend.set_ended();
+                    stop.trigger();
+                    break Outcome {
+                        transfer: session.transfer().id.clone(),
+                        phase,
+                        success: false,
+                        message: format!("the transfer became {phase} while serving"),
+                    };
+                }
+                let s = stats();
+                let io = (s.bytes_read, s.bytes_written);
+                if io != last_io {
+                    last_io = io;
+                    last_activity = Instant::now();
+                } else if gate.state() == GateState::Open && last_activity.elapsed() >= keepalive_every {
+                    if let Err(e) = backend.keepalive().await {
+                        tracing::warn!(error = %e, "keepalive failed");
+                    }
+                    let _ = session.act(super::Action::Extend).await;
+                    last_activity = Instant::now();
+                }
+            }
+        }
+    };
+    stop.trigger();
+    if let Some(task) = serving {
+        let _ = task.await;
+    }
+    Ok(outcome)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinishHow {
+    Finalize,
+    Pause,
+    Cancel,
+}
+
+async fn finish(
+    session: &mut TransferSession,
+    gate: &Gate,
+    stop: &Shutdown,
+    serving: &mut Option<tokio::task::JoinHandle<()>>,
+    backend: &ImageioBackend,
+    how: FinishHow,
+) -> Result<Outcome> {
+    // Stop the NBD side first and let in-flight requests finish, then make
+    // what they wrote durable before telling the engine.
+    stop.trigger();
+    if let Some(task) = serving.take() {
+        let _ = task.await;
+    }
+    if how != FinishHow::Cancel && !backend.capabilities().read_only {
+        if let Err(e) = backend.flush_all().await {
+            tracing::warn!(error = %e, "final flush failed");
+        }
+    }
+    let id = session.transfer().id.clone();
+    let outcome = match how {
+        FinishHow::Finalize => {
+            gate.set(GateState::Ended);
+            let phase = session.finalize().await?;
+            Outcome {
+                success: phase == Phase::FinishedSuccess,
+                message: format!("transfer {id} finalized: {phase}"),
+                transfer: id,
+                phase,
+            }
+        }
+        FinishHow::Pause => {
+            session.pause().await?;
+            gate.set(GateState::Ended);
+            let phase = session.transfer().phase;
+            Outcome {
+                success: false,
+                message: format!(
+                    "transfer {id} is {phase}; resume it with: nbdbridge serve ... --transfer {id}"
+                ),
+                transfer: id,
+                phase,
+            }
+        }
+        FinishHow::Cancel => {
+            gate.set(GateState::Ended);
+            let phase = session.cancel().await?;
+            Outcome {
+                success: false,
+                message: format!("transfer {id} cancelled: {phase}"),
+                transfer: id,
+                phase,
+            }
+        }
+    };
+    Ok(outcome)
+}
+
+/// Open the data connection: the host's `transfer_url`, else the engine's
+/// `proxy_url`.
+async fn connect_data(
+    session: &TransferSession,
+    size: Option<u64>,
+    direction: Direction,
+    tls: &TlsOptions,
+) -> Result<ImageioBackend> {
+    let t = session.transfer();
+    let urls: Vec<&String> = t.transfer_url.iter().chain(t.proxy_url.iter()).collect();
+    let mut last = None;
+    for url in urls {
+        let config = ImageioConfig {
+            url: url.clone(),
+            size,
+            read_only: direction == Direction::Download,
+            sparse: None,
+            dirty_bitmap: None,
+            tls: tls.clone(),
+            use_unix_socket: true,
+            max_connections: None,
+        };
+        match ImageioBackend::connect(config).await {
+            Ok(b) => return Ok(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "data URL unusable, trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        Some(e) => Error::Backend(e),
+        None => Error::Phase {
+            id: t.id.clone(),
+            phase: t.phase,
+            why: "the engine gave no transfer_url nor proxy_url".into(),
+        },
+    })
+}

@@ -1,0 +1,559 @@
+//! A small client of the oVirt engine REST API: SSO login, disks, image
+//! transfers and their actions. The same calls work against a real engine
+//! and `nbdbridge engine`.
+
+use super::error::{Error, Result};
+use super::phase::Phase;
+use crate::backend::imageio::{TlsOptions, build_client};
+use quick_xml::escape::escape;
+use serde::Deserialize;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Longest engine answer accepted.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Timeout of one API call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to reach and log in to an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// API base: `https://engine/ovirt-engine/api`.
+    pub url: String,
+    /// User, e.g. `admin@internal`.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// TLS settings.
+    pub tls: TlsOptions,
+}
+
+/// Transfer direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Into the disk.
+    Upload,
+    /// Out of the disk.
+    Download,
+}
+
+impl Direction {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+        }
+    }
+}
+
+/// The actions of an image transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `cancel`
+    Cancel,
+    /// `extend`
+    Extend,
+    /// `finalize`
+    Finalize,
+    /// `pause`
+    Pause,
+    /// `resume`
+    Resume,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Cancel => "cancel",
+            Action::Extend => "extend",
+            Action::Finalize => "finalize",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+        }
+    }
+}
+
+/// What we read of an `image_transfer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// Transfer id.
+    pub id: String,
+    /// Phase (`Unknown` when the engine sent something we do not know).
+    pub phase: Phase,
+    /// Direction.
+    pub direction: Direction,
+    /// URL on the host's imageio daemon.
+    pub transfer_url: Option<String>,
+    /// URL through the engine's imageio proxy.
+    pub proxy_url: Option<String>,
+    /// The disk.
+    pub disk_id: Option<String>,
+    /// Bytes transferred, as the engine counts them.
+    pub transferred: Option<u64>,
+    /// Inactivity timeout in seconds.
+    pub inactivity_timeout: Option<u64>,
+}
+
+/// What we read of a `disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// Disk id.
+    pub id: String,
+    /// Alias (the name users see).
+    pub alias: Option<String>,
+    /// Virtual size in bytes.
+    pub provisioned_size: Option<u64>,
+    /// `raw` or `cow`.
+    pub format: Option<String>,
+    /// `ok`, `locked`, `illegal`.
+    pub status: Option<String>,
+    /// Thin provisioned.
+    pub sparse: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LinkXml {
+    #[serde(rename = "@id")]
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TransferXml {
+    #[serde(rename = "@id")]
+    id: Option<String>,
+    phase: Option<String>,
+    direction: Option<String>,
+    transfer_url: Option<String>,
+    proxy_url: Option<String>,
+    transferred: Option<u64>,
+    inactivity_timeout: Option<u64>,
+    disk: Option<LinkXml>,
+    image: Option<LinkXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DiskXml {
+    #[serde(rename = "@id")]
+    id: Option<String>,
+    alias: Option<String>,
+    name: Option<String>,
+    provisioned_size: Option<u64>,
+    format: Option<String>,
+    status: Option<String>,
+    sparse: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DisksXml {
+    #[serde(default)]
+    disk: Vec<DiskXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FaultXml {
+    reason: Option<String>,
+    detail: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenJson {
+    access_token: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// A logged-in engine connection.
+#[derive(Debug)]
+pub struct EngineClient {
+    api: String,
+    origin: String,
+    http: reqwest::Client,
+    config: EngineConfig,
+    token: Mutex<Option<String>>,
+}
+
+impl EngineClient {
+    /// Log in.
+    ///
+    /// # Errors
+    /// The engine cannot be reached or refuses the credentials.
+    pub async fn connect(config: EngineConfig) -> Result<Self> {
+        let api = config.url.trim_end_matches('/').to_string();
+        let origin =
+            origin_of(&api).ok_or_else(|| Error::Config(format!("not an http(s) URL: {api}")))?;
+        let http = build_client(&config.tls, None).map_err(Error::Backend)?;
+        let client = EngineClient {
+            api,
+            origin,
+            http,
+            config,
+            token: Mutex::new(None),
+        };
+        client.login().await?;
+        Ok(client)
+    }
+
+    async fn login(&self) -> Result<String> {
+        let url = format!("{}/ovirt-engine/sso/oauth/token", self.origin);
+        let form = format!(
+            "grant_type=password&scope=ovirt-app-api&username={}&password={}",
+            form_encode(&self.config.username),
+            form_encode(&self.config.password)
+        );
+        let resp = self
+            .http
+            .post(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .timeout(CALL_TIMEOUT)
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| Error::transport("SSO login", &e))?;
+        let body = read_body(resp).await?.1;
+        let json: TokenJson = serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("SSO login: not the expected JSON: {e}")))?;
+        if let Some(err) = json.error {
+            let why = json.error_description.unwrap_or_default();
+            return Err(Error::Auth(format!("{err} {why}").trim().to_string()));
+        }
+        let token = json
+            .access_token
+            .ok_or_else(|| Error::Protocol("SSO login: no access_token".into()))?;
+        if let Ok(mut t) = self.token.lock() {
+            *t = Some(token.clone());
+        }
+        Ok(token)
+    }
+
+    /// Revoke the token (best effort).
+    pub async fn logout(&self) {
+        let token = self.token.lock().ok().and_then(|t| t.clone());
+        let Some(token) = token else { return };
+        let url = format!("{}/ovirt-engine/services/sso-logout", self.origin);
+        let _ = self
+            .http
+            .post(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .timeout(CALL_TIMEOUT)
+            .body(format!("scope=ovirt-app-api&token={}", form_encode(&token)))
+            .send()
+            .await;
+    }
+
+    /// One API call; logs in again once on 401. Returns the body of a 2xx.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Vec<u8>> {
+        let url = format!("{}{path}", self.api);
+        for attempt in 0..2 {
+            let token = match self.token.lock().ok().and_then(|t| t.clone()) {
+                Some(t) => t,
+                None => self.login().await?,
+            };
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .header("Version", "4")
+                .header(reqwest::header::ACCEPT, "application/xml")
+                .header(reqwest::header::CONTENT_TYPE, "application/xml")
+                .bearer_auth(token)
+                .timeout(CALL_TIMEOUT);
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Error::transport(&format!("{method} {path}"), &e))?;
+            let (status, bytes) = read_body(resp).await?;
+            if status == 401 && attempt == 0 {
+                self.login().await?;
+                continue;
+            }
+            if (200..300).contains(&status) {
+                return Ok(bytes);
+            }
+            let fault: Option<FaultXml> = quick_xml::de::from_reader(bytes.as_slice()).ok();
+            let (reason, detail) = fault
+                .map(|f| (f.reason.unwrap_or_default(), f.detail.unwrap_or_default()))
+                .unwrap_or_else(|| (String::new(), String::from_utf8_lossy(&bytes).into_owned()));
+            return Err(Error::Engine {
+                status,
+                reason,
+                detail: detail.trim().to_string(),
+            });
+        }
+        Err(Error::Auth("the engine refused the new token".into()))
+    }
+
+    /// Read one transfer.
+    ///
+    /// # Errors
+    /// Unknown transfer (404) or the engine failed.
+    pub async fn transfer(&self, id: &str) -> Result<Transfer> {
+        let body = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/imagetransfers/{}", path_part(id)),
+                None,
+            )
+            .await?;
+        parse_transfer(&body)
+    }
+
+    /// Start a transfer of `disk_id` (on `host_id` if given).
+    ///
+    /// # Errors
+    /// The engine refused.
+    pub async fn add_transfer(
+        &self,
+        disk_id: &str,
+        host_id: Option<&str>,
+        direction: Direction,
+    ) -> Result<Transfer> {
+        let mut xml = String::from("<image_transfer>\n");
+        xml.push_str(&format!(
+            "  <direction>{}</direction>\n",
+            direction.as_str()
+        ));
+        xml.push_str(&format!("  <disk id=\"{}\"/>\n", escape(disk_id)));
+        if let Some(h) = host_id {
+            xml.push_str(&format!("  <host id=\"{}\"/>\n", escape(h)));
+        }
+        xml.push_str("</image_transfer>\n");
+        let body = self
+            .call(reqwest::Method::POST, "/imagetransfers", Some(xml))
+            .await?;
+        parse_transfer(&body)
+    }
+
+    /// Run an action on a transfer.
+    ///
+    /// # Errors
+    /// The phase does not allow it (409) or the engine failed.
+    pub async fn action(&self, id: &str, action: Action) -> Result<()> {
+        let path = format!("/imagetransfers/{}/{}", path_part(id), action.as_str());
+        self.call(reqwest::Method::POST, &path, Some("<action/>\n".into()))
+            .await
+            .map(|_| ())
+    }
+
+    /// Read one disk.
+    ///
+    /// # Errors
+    /// Unknown disk (404) or the engine failed.
+    pub async fn disk(&self, id: &str) -> Result<Disk> {
+        let body = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/disks/{}", path_part(id)),
+                None,
+            )
+            .await?;
+        let d: DiskXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("disk XML: {e}")))?;
+        disk_of(d)
+    }
+
+    /// The disk whose id or alias is `name`, if any.
+    ///
+    /// # Errors
+    /// The engine failed.
+    pub async fn find_disk(&self, name: &str) -> Result<Option<Disk>> {
+        let body = self.call(reqwest::Method::GET, "/disks", None).await?;
+        let list: DisksXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("disks XML: {e}")))?;
+        for d in list.disk {
+            let disk = disk_of(d)?;
+            if disk.id == name || disk.alias.as_deref() == Some(name) {
+                return Ok(Some(disk));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Create a disk called `alias` of `size` bytes in `format` (`raw` or
+    /// `cow`), thin provisioned, on the storage domain `domain` (or the
+    /// engine's default).
+    ///
+    /// # Errors
+    /// The engine refused.
+    pub async fn add_disk(
+        &self,
+        alias: &str,
+        size: u64,
+        format: &str,
+        domain: Option<&str>,
+    ) -> Result<Disk> {
+        let mut xml = String::from("<disk>\n");
+        xml.push_str(&format!("  <alias>{}</alias>\n", escape(alias)));
+        xml.push_str(&format!("  <format>{}</format>\n", escape(format)));
+        xml.push_str(&format!("  <name>{}</name>\n", escape(alias)));
+        xml.push_str(&format!("  <provisioned_size>{size}</provisioned_size>\n"));
+        xml.push_str("  <sparse>true</sparse>\n");
+        if let Some(sd) = domain {
+            xml.push_str(&format!(
+                "  <storage_domains>\n    <storage_domain id=\"{}\"/>\n  </storage_domains>\n",
+                escape(sd)
+            ));
+        }
+        xml.push_str("</disk>\n");
+        let body = self
+            .call(reqwest::Method::POST, "/disks", Some(xml))
+            .await?;
+        let d: DiskXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("disk XML: {e}")))?;
+        disk_of(d)
+    }
+}
+
+fn parse_transfer(body: &[u8]) -> Result<Transfer> {
+    let t: TransferXml = quick_xml::de::from_reader(body)
+        .map_err(|e| Error::Protocol(format!("image_transfer XML: {e}")))?;
+    let id =
+        t.id.ok_or_else(|| Error::Protocol("image_transfer without id".into()))?;
+    let direction = match t.direction.as_deref() {
+        Some("download") => Direction::Download,
+        _ => Direction::Upload,
+    };
+    Ok(Transfer {
+        id,
+        phase: t
+            .phase
+            .as_deref()
+            .and_then(Phase::parse)
+            .unwrap_or(Phase::Unknown),
+        direction,
+        transfer_url: t.transfer_url.filter(|u| !u.is_empty()),
+        proxy_url: t.proxy_url.filter(|u| !u.is_empty()),
+        disk_id: t.disk.or(t.image).and_then(|l| l.id),
+        transferred: t.transferred,
+        inactivity_timeout: t.inactivity_timeout,
+    })
+}
+
+fn disk_of(d: DiskXml) -> Result<Disk> {
+    Ok(Disk {
+        id: d
+            .id
+            .ok_or_else(|| Error::Protocol("disk without id".into()))?,
+        alias: d.alias.or(d.name),
+        provisioned_size: d.provisioned_size,
+        format: d.format,
+        status: d.status,
+        sparse: d.sparse,
+    })
+}
+
+async fn read_body(mut resp: reqwest::Response) -> Result<(u16, Vec<u8>)> {
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::transport("reading the answer", &e))?
+    {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(Error::Protocol("engine answer too large".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, body))
+}
+
+/// `scheme://host:port` of an URL.
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let host = rest.split('/').next()?;
+    Some(format!("{scheme}://{host}"))
+}
+
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Ids go into paths: keep only what an id may hold.
+fn path_part(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_xml_of_a_real_engine() {
+        let xml = br#"<image_transfer href="/ovirt-engine/api/imagetransfers/e38" id="e38">
+  <actions><link href="/x/cancel" rel="cancel"/></actions>
+  <active>true</active><direction>upload</direction><format>raw</format>
+  <inactivity_timeout>60</inactivity_timeout><phase>transferring</phase>
+  <proxy_url>https://engine:54323/images/t</proxy_url>
+  <transfer_url>https://host1:54322/images/t</transfer_url>
+  <transferred>42</transferred>
+  <disk href="/ovirt-engine/api/disks/d1" id="d1"/>
+  <host href="/ovirt-engine/api/hosts/h1" id="h1"/><image id="d1"/>
+</image_transfer>"#;
+        let t = parse_transfer(xml).unwrap();
+        assert_eq!(t.id, "e38");
+        assert_eq!(t.phase, Phase::Transferring);
+        assert_eq!(
+            t.transfer_url.as_deref(),
+            Some("https://host1:54322/images/t")
+        );
+        assert_eq!(t.disk_id.as_deref(), Some("d1"));
+        assert_eq!(t.transferred, Some(42));
+        let odd = br#"<image_transfer id="x"><phase>TRANSFERRING</phase><direction>download</direction></image_transfer>"#;
+        let t = parse_transfer(odd).unwrap();
+        assert_eq!(
+            (t.phase, t.direction),
+            (Phase::Unknown, Direction::Download)
+        );
+    }
+
+    #[test]
+    fn urls_and_forms() {
+        assert_eq!(
+            origin_of("https://e.example:8443/ovirt-engine/api").as_deref(),
+            Some("https://e.example:8443")
+        );
+        assert!(origin_of("ftp://x/").is_none());
+        assert_eq!(form_encode("admin@internal"), "admin%40internal");
+        assert_eq!(path_part("ab-1/../x"), "ab-1x");
+    }
+
+    #[test]
+    fn disks_list() {
+        let xml = br#"<disks><disk id="a"><alias>one</alias><provisioned_size>10</provisioned_size><status>ok</status></disk><disk id="b"><name>two</name></disk></disks>"#;
+        let l: DisksXml = quick_xml::de::from_reader(&xml[..]).unwrap();
+        assert_eq!(l.disk.len(), 2);
+        let d = disk_of(l.disk.into_iter().nth(1).unwrap()).unwrap();
+        assert_eq!(d.alias.as_deref(), Some("two"));
+    }
+}

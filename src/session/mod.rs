@@ -1,0 +1,15 @@
+//! The phase-aware transfer session: talks to the engine (ours or real)
+//! to create or attach an image transfer, waits out `initializing`, and
+//! follows what the NBD clients do (finalize, pause, resume).
+
+pub mod driver;
+pub mod engine_client;
+pub mod error;
+pub mod gate;
+pub mod phase;
+pub mod transfer;
+
+pub use engine_client::{Action, Direction, EngineClient, EngineConfig, Transfer};
+pub use error::{Error, Result};
+pub use phase::Phase;
+pub use transfer::{Target, TransferSession};
