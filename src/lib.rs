@@ -9,6 +9,8 @@
 //! - [`store`]: positional I/O on local image files, shared by the file
 //!   backend and the embedded data server.
 //! - [`imageio`]: the embedded imageio-compatible data server.
+//! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
+//!   image transfer phases, state in SQLite).
 //! - [`session`]: the image transfer session (engine REST client, phases).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -16,6 +18,7 @@
 
 pub mod backend;
 pub mod bufpool;
+pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod session;

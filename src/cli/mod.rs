@@ -1,6 +1,7 @@
 //! Subcommands. Each prints its contract line (a URI or URL) as the first
 //! stdout line once it accepts clients; logs go to stderr.
 
+mod engine;
 mod imageio;
 mod serve;
 
@@ -24,6 +25,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run the imageio-compatible data server.
     Imageio(imageio::ImageioArgs),
+    /// Run the engine-compatible ImageTransfer service.
+    Engine(engine::EngineArgs),
 }
 
 /// Run the chosen subcommand.
@@ -31,6 +34,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Serve(args) => serve::run(*args).await,
         Command::Imageio(args) => imageio::run(args).await,
+        Command::Engine(args) => engine::run(args).await,
     }
 }
 

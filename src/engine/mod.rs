@@ -1,0 +1,754 @@
+//! The engine-compatible control plane (`nbdbridge engine`): the parts of
+//! the oVirt REST API v4 that image transfers need (disks, storage
+//! domains, hosts, image transfers) plus the SSO login, spoken exactly as
+//! the oVirt Python SDK expects (see `shared/ENGINE-API.md`).
+//!
+//! # Layout
+//! - `api`: routing, authentication, XML rendering of each resource.
+//! - `sso`: `/ovirt-engine/sso/oauth/token` and `/services/sso-logout`.
+//! - `transfer`: the phase machine; one driver task per live transfer.
+//! - `host`: the ticket control API client for data servers.
+//! - `disk`: image files and finalize verification (QCOW2 header checks).
+//! - `qemu`: qemu-nbd for guest-data (`format=raw`) transfers of QCOW2 disks.
+//! - `db`: state in SQLite, so a restart loses nothing.
+//! - `error`: `engine::Error` and its only mapping to a status + `<fault>`.
+//! - `model`, `xml`: entities, wire enums, XML in and out.
+//!
+//! The engine never touches disk data itself: it installs tickets on a
+//! host's data server, which serves the bytes. Hosts are given as
+//! [`HostSpec`]s (`NAME=CONTROL_SOCKET,DATA_URL`); the embedded data
+//! server becomes one more host once it is wired in (see
+//! `cli/engine.rs`).
+
+mod api;
+mod db;
+mod disk;
+mod error;
+mod host;
+mod model;
+mod qemu;
+mod sso;
+mod transfer;
+mod xml;
+
+pub use error::Error;
+pub use model::Host;
+
+use crate::shutdown::Shutdown;
+use db::Db;
+use disk::Images;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
+
+/// The one user.
+pub const USER: &str = "admin@internal";
+
+/// A data server registered as a host: `NAME=CONTROL_SOCKET,DATA_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    /// Host name (unique).
+    pub name: String,
+    /// Unix socket of its ticket control API.
+    pub control_socket: PathBuf,
+    /// Base URL of its data API, e.g. `http://127.0.0.1:54322`.
+    pub data_url: String,
+}
+
+impl std::str::FromStr for HostSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}': expected NAME=CONTROL_SOCKET,DATA_URL"))?;
+        let (socket, url) = rest
+            .split_once(',')
+            .ok_or_else(|| format!("'{s}': expected NAME=CONTROL_SOCKET,DATA_URL"))?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(format!(
+                "'{s}': the host name must have 1 to 255 characters"
+            ));
+        }
+        if socket.is_empty() {
+            return Err(format!("'{s}': the control socket path is empty"));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "'{s}': the data URL must start with http:// or https://"
+            ));
+        }
+        Ok(HostSpec {
+            name: name.to_string(),
+            control_socket: PathBuf::from(socket),
+            data_url: url.to_string(),
+        })
+    }
+}
+
+/// Timeouts and intervals of the phase machine (ENGINE-API.md 3.4).
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// How often a transfer's driver looks at its ticket.
+    pub tick: Duration,
+    /// Ticket lifetime given to data servers (engine default 300 s).
+    pub ticket_timeout: u64,
+    /// Default client inactivity timeout (engine default 60 s).
+    pub inactivity_timeout: u64,
+    /// How long finished_success transfers stay readable (15 min).
+    pub keep_succeeded: Duration,
+    /// How long failed transfers stay readable (30 min).
+    pub keep_failed: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            tick: Duration::from_millis(500),
+            ticket_timeout: 300,
+            inactivity_timeout: 60,
+            keep_succeeded: Duration::from_secs(15 * 60),
+            keep_failed: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+impl Timing {
+    /// Renew a ticket when it has less than this many seconds left: the
+    /// engine's 240 s of 300, scaled down for short test timeouts.
+    pub fn renew_margin(&self) -> u64 {
+        (self.ticket_timeout * 4 / 5).min(240)
+    }
+}
+
+/// Everything `nbdbridge engine` needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Database, password file and disk images live here.
+    pub data_dir: PathBuf,
+    /// API address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// File holding admin@internal's password; `None`: generate one at
+    /// first start into `DATA_DIR/password` (0600).
+    pub password_file: Option<PathBuf>,
+    /// The data servers.
+    pub hosts: Vec<HostSpec>,
+    /// Phase machine timing.
+    pub timing: Timing,
+    /// Serve https with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for https.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// How long a client may take for the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &Path, e: &dyn std::fmt::Display| {
+        Error::Config(format!("TLS: cannot load {}: {e}", what.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(&files.cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(&files.cert, &"no certificate in it"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    // libcurl would speak HTTP/2 if offered; we speak HTTP/1.1 only.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Shared by the API handlers and the transfer drivers.
+#[derive(Debug)]
+pub(crate) struct State {
+    db: Db,
+    images: Images,
+    nbd: qemu::NbdServers,
+    hosts: Vec<Host>,
+    config: Timing,
+    password: String,
+    base: String,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    shutdown: Shutdown,
+}
+
+impl State {
+    fn register_waker(&self, id: &str) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let mut map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(id.to_string(), notify.clone());
+        notify
+    }
+
+    fn unregister_waker(&self, id: &str) {
+        let mut map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id);
+    }
+
+    /// Make transfer `id`'s driver look at it now.
+    fn wake(&self, id: &str) {
+        let map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get(id) {
+            n.notify_one();
+        }
+    }
+}
+
+/// A started engine: bound, state loaded, drivers running.
+pub struct Engine {
+    state: Arc<State>,
+    listener: TcpListener,
+    url: String,
+    password_path: PathBuf,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Held while the engine runs: one engine per data dir.
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("url", &self.url)
+            .field("password_path", &self.password_path)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+
+/// Take `DATA_DIR/engine.lock` (flock): a second engine on the same data
+/// dir would drive the same transfers twice.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("engine.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    // SAFETY: flock(2) on a descriptor we own for the file's lifetime.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::Config(format!(
+            "another engine is using {} ({})",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(file)
+}
+
+/// The password in `path`: its first line.
+fn read_password(path: &Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let pw = text.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        return Err(Error::Config(format!(
+            "the password file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(pw)
+}
+
+/// The password in `path`, generated and stored (0600) if the file does
+/// not exist.
+fn read_or_create_password(path: &Path) -> Result<String, Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return read_password(path);
+    }
+    let pw = uuid::Uuid::new_v4().simple().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    writeln!(f, "{pw}").map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    Ok(pw)
+}
+
+impl Engine {
+    /// Open the data directory, register the hosts, bind the listener and
+    /// restart the driver of every transfer that is not finished.
+    ///
+    /// # Errors
+    /// The data directory, database, password file or listen address
+    /// cannot be used.
+    pub async fn start(config: EngineConfig, shutdown: Shutdown) -> Result<Engine, Error> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let db = Db::open(&config.data_dir.join("engine.db"))?;
+        let images = Images::open(config.data_dir.join("images"))?;
+        let nbd = qemu::NbdServers::new(config.data_dir.join("run"))?;
+        let password_path = match &config.password_file {
+            Some(p) => p.clone(),
+            None => config.data_dir.join("password"),
+        };
+        let password = if config.password_file.is_some() {
+            read_password(&password_path)?
+        } else {
+            read_or_create_password(&password_path)?
+        };
+        let mut hosts = Vec::new();
+        for spec in &config.hosts {
+            hosts.push(db.upsert_host(&spec.name, &spec.control_socket, &spec.data_url)?);
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io(format!("listen on {}", config.listen), e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("listener address", e))?;
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/ovirt-engine/api");
+        let state = Arc::new(State {
+            db,
+            images,
+            nbd,
+            hosts,
+            config: config.timing.clone(),
+            password,
+            base: "/ovirt-engine/api".to_string(),
+            wakers: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        for t in state.db.transfers()? {
+            if !t.phase.is_finished() {
+                tracing::info!(transfer = %t.id, phase = %t.phase, "resuming the driver");
+                transfer::spawn_driver(state.clone(), t.id);
+            }
+        }
+        spawn_janitor(state.clone());
+        Ok(Engine {
+            state,
+            listener,
+            url,
+            password_path,
+            tls,
+            _lock: lock,
+        })
+    }
+
+    /// The API base URL, `http://HOST:PORT/ovirt-engine/api`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The file holding admin@internal's password.
+    pub fn password_path(&self) -> &Path {
+        &self.password_path
+    }
+
+    /// The registered hosts.
+    pub fn hosts(&self) -> &[Host] {
+        &self.state.hosts
+    }
+
+    /// Serve until the shutdown signal.
+    pub async fn serve(self) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut conn_id: u64 = 0;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = self.state.shutdown.wait() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            conn_id += 1;
+            let state = self.state.clone();
+            let tls = self.tls.clone();
+            let span = tracing::debug_span!("conn", conn = conn_id, %peer);
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    match tls {
+                        None => serve_connection(state, stream).await,
+                        Some(acceptor) => {
+                            let accepted = tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await;
+                            match accepted {
+                                Ok(Ok(stream)) => serve_connection(state, stream).await,
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
+                            }
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+/// Serve HTTP/1.1 on one connection until the peer closes it.
+async fn serve_connection<I>(state: Arc<State>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60))
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended");
+    }
+}
+
+/// Forget finished transfers after their keep time.
+fn spawn_janitor(state: Arc<State>) {
+    tokio::spawn(async move {
+        loop {
+            let now = model::now();
+            let ok = now - state.config.keep_succeeded.as_secs() as i64;
+            let failed = now - state.config.keep_failed.as_secs() as i64;
+            match state.db.purge_transfers(ok, failed) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "finished transfers forgotten"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge transfers"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = state.shutdown.wait() => break,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_specs() {
+        let h: HostSpec = "h1=/run/c.sock,http://127.0.0.1:5".parse().unwrap();
+        assert_eq!(h.name, "h1");
+        assert_eq!(h.control_socket, PathBuf::from("/run/c.sock"));
+        assert_eq!(h.data_url, "http://127.0.0.1:5");
+        assert!("h1".parse::<HostSpec>().is_err());
+        assert!("h1=/s".parse::<HostSpec>().is_err());
+        assert!("=/s,http://x".parse::<HostSpec>().is_err());
+        assert!("h=/s,ftp://x".parse::<HostSpec>().is_err());
+    }
+
+    /// A fake data server control API on a unix socket: records every
+    /// request and answers GET with a status that has no idle_time (as an
+    /// old or minimal data server would).
+    /// How the fake control API misbehaves.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Fake {
+        /// DELETE answers 409.
+        fail_delete: bool,
+        /// PUT answers after this long.
+        put_delay: Duration,
+    }
+
+    async fn fake_control(socket: PathBuf, fake: Fake) -> Arc<Mutex<Vec<(String, String)>>> {
+        use http_body_util::{BodyExt, Full};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let record = record.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            record.lock().unwrap().push((
+                                method.clone(),
+                                String::from_utf8_lossy(&body).into_owned(),
+                            ));
+                            if method == "PUT" {
+                                tokio::time::sleep(fake.put_delay).await;
+                            }
+                            let (status, reply) = match method.as_str() {
+                                "GET" => (200, r#"{"active": false, "connections": 0}"#),
+                                "DELETE" if fake.fail_delete => (409, "busy"),
+                                "DELETE" => (204, ""),
+                                _ => (200, ""),
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(bytes::Bytes::from(reply)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        seen
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// An engine whose only host is a fake control API; its state, the
+    /// fake's request log, and the temp dir.
+    async fn engine_with_fake(
+        fake: Fake,
+        timing: Timing,
+    ) -> (
+        Arc<State>,
+        Arc<Mutex<Vec<(String, String)>>>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let seen = fake_control(socket.clone(), fake).await;
+        let config = EngineConfig {
+            data_dir: dir.path().join("engine"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            password_file: None,
+            hosts: vec![HostSpec {
+                name: "fake".into(),
+                control_socket: socket,
+                data_url: "http://127.0.0.1:9".into(),
+            }],
+            timing,
+            tls: None,
+        };
+        let engine = Engine::start(config, Shutdown::new()).await.unwrap();
+        (engine.state.clone(), seen, dir)
+    }
+
+    /// A new 1 MiB raw disk and an upload transfer of it.
+    fn disk_and_transfer(
+        state: &Arc<State>,
+        inactivity: Option<&str>,
+    ) -> (model::Disk, model::Transfer) {
+        let disk = model::Disk {
+            id: model::new_id(),
+            name: "d".into(),
+            description: String::new(),
+            format: model::Format::Raw,
+            provisioned_size: 1 << 20,
+            status: model::DiskStatus::Ok,
+        };
+        state.images.create(&disk).unwrap();
+        state.db.insert_disk(&disk).unwrap();
+        let req = xml::ImageTransferIn {
+            disk: Some(xml::IdRef {
+                id: Some(disk.id.clone()),
+                name: None,
+            }),
+            inactivity_timeout: inactivity.map(str::to_string),
+            ..Default::default()
+        };
+        let t = transfer::add(state, req).unwrap();
+        (disk, t)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drives_any_control_api_renews_and_times_out_without_idle_time() {
+        let timing = Timing {
+            tick: Duration::from_millis(50),
+            ticket_timeout: 2,
+            ..Timing::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(Fake::default(), timing).await;
+        let (disk, t) = disk_and_transfer(&state, Some("3"));
+        let phase = || state.db.transfer(&t.id).unwrap().unwrap().phase;
+        wait_for("transferring", || phase() == model::Phase::Transferring).await;
+        let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
+        {
+            let log = seen.lock().unwrap();
+            let put: serde_json::Value = serde_json::from_str(&log[0].1).unwrap();
+            assert_eq!(log[0].0, "PUT");
+            assert_eq!(put["uuid"], t.ticket_id.as_str());
+            assert_eq!(put["size"], 1 << 20);
+            assert_eq!(put["ops"], serde_json::json!(["write"]));
+            assert_eq!(put["timeout"], 2);
+            assert_eq!(put["inactivity_timeout"], 3);
+            let url = put["url"].as_str().unwrap();
+            assert!(
+                url.starts_with("file:///") && url.ends_with(&disk.id),
+                "{url}"
+            );
+        }
+        // Renewed before the 2 s ticket runs out, while still transferring.
+        wait_for("a PATCH renewal", || calls("PATCH") > 0).await;
+        assert_eq!(phase(), model::Phase::Transferring);
+        let patch = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(m, _)| m == "PATCH")
+            .cloned()
+            .unwrap();
+        assert_eq!(patch.1, r#"{"timeout":2}"#);
+        // No idle_time reported and no progress: idle since the last
+        // update, so the legacy policy pauses the upload after 3 s.
+        wait_for("paused_system", || phase() == model::Phase::PausedSystem).await;
+        assert!(calls("GET") >= 2);
+        transfer::act(&state, &t.id, transfer::Action::Cancel)
+            .await
+            .unwrap();
+        wait_for("finished_failure", || {
+            phase() == model::Phase::FinishedFailure
+        })
+        .await;
+        assert_eq!(calls("DELETE"), 1);
+        assert!(state.db.disk(&disk.id).unwrap().is_none());
+        assert!(!state.images.path(&disk.id).exists());
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ticket_removal_failures_retry_finalize_and_give_up_on_cancel() {
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let fake = Fake {
+            fail_delete: true,
+            ..Fake::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(fake, timing).await;
+        let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let (_, t) = disk_and_transfer(&state, None);
+            let id = t.id.clone();
+            let st = state.clone();
+            wait_for("transferring", || {
+                st.db.transfer(&id).unwrap().unwrap().phase == model::Phase::Transferring
+            })
+            .await;
+            ids.push(t.id);
+        }
+        let phase = |id: &str| state.db.transfer(id).unwrap().unwrap().phase;
+        // Finalize keeps retrying: success is never reported with the
+        // ticket still open.
+        transfer::act(&state, &ids[0], transfer::Action::Finalize)
+            .await
+            .unwrap();
+        wait_for("DELETE retries", || calls("DELETE") >= 4).await;
+        assert_eq!(phase(&ids[0]), model::Phase::FinalizingSuccess);
+        // Cancel gives up after a few tries and ends the transfer.
+        transfer::act(&state, &ids[1], transfer::Action::Cancel)
+            .await
+            .unwrap();
+        wait_for("finished_failure", || {
+            phase(&ids[1]) == model::Phase::FinishedFailure
+        })
+        .await;
+        assert_eq!(phase(&ids[0]), model::Phase::FinalizingSuccess);
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ticket_installed_while_the_client_paused_is_still_removed() {
+        let fake = Fake {
+            put_delay: Duration::from_millis(500),
+            ..Fake::default()
+        };
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(fake, timing).await;
+        let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
+        let (_, t) = disk_and_transfer(&state, None);
+        // Pause while the PUT is in flight (it is recorded when it arrives,
+        // answered 500 ms later).
+        wait_for("the PUT", || calls("PUT") == 1).await;
+        transfer::act(&state, &t.id, transfer::Action::Pause)
+            .await
+            .unwrap();
+        let row = || state.db.transfer(&t.id).unwrap().unwrap();
+        wait_for("ticket recorded", || row().ticket_installed).await;
+        assert_eq!(row().phase, model::Phase::PausedUser);
+        transfer::act(&state, &t.id, transfer::Action::Cancel)
+            .await
+            .unwrap();
+        wait_for("finished_failure", || {
+            row().phase == model::Phase::FinishedFailure
+        })
+        .await;
+        assert_eq!(calls("DELETE"), 1);
+        state.shutdown.trigger();
+    }
+
+    #[test]
+    fn renew_margin_scales() {
+        let mut t = Timing::default();
+        assert_eq!(t.renew_margin(), 240);
+        t.ticket_timeout = 5;
+        assert_eq!(t.renew_margin(), 4);
+    }
+}

@@ -1,0 +1,264 @@
+//! The engine's entities (disks, hosts, transfers) and their enums, with
+//! the exact lower-case wire names the SDK expects.
+
+use super::error::{Error, Result};
+
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl $name {
+            /// The wire (and database) name.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $wire),+ }
+            }
+
+            /// Parse a wire name (exact, lower case).
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($wire => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// ImageTransferPhase (ENGINE-API.md section 9).
+    Phase {
+        /// Just added; the ticket is not installed yet.
+        Initializing = "initializing",
+        /// The ticket is installed; data may move.
+        Transferring = "transferring",
+        /// Resumed by the client; the ticket is being renewed.
+        Resuming = "resuming",
+        /// Stopped by the engine (host unreachable, inactivity).
+        PausedSystem = "paused_system",
+        /// Paused by the client.
+        PausedUser = "paused_user",
+        /// Cancelled by the engine.
+        CancelledSystem = "cancelled_system",
+        /// Cancelled by the client.
+        CancelledUser = "cancelled_user",
+        /// Finalize asked for; verifying.
+        FinalizingSuccess = "finalizing_success",
+        /// Failed; cleaning up.
+        FinalizingFailure = "finalizing_failure",
+        /// Cancelled; cleaning up.
+        FinalizingCleanup = "finalizing_cleanup",
+        /// Cleanup after cancel done.
+        FinishedCleanup = "finished_cleanup",
+        /// Terminal: success.
+        FinishedSuccess = "finished_success",
+        /// Terminal: failure.
+        FinishedFailure = "finished_failure",
+    }
+}
+
+impl Phase {
+    /// The two end phases: nothing changes any more.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::FinishedSuccess | Phase::FinishedFailure)
+    }
+
+    /// Engine's `canBePaused`.
+    pub fn can_be_paused(self) -> bool {
+        matches!(
+            self,
+            Phase::Initializing | Phase::Resuming | Phase::Transferring
+        )
+    }
+
+    /// Engine's `canBeCancelled`.
+    pub fn can_be_cancelled(self) -> bool {
+        self.can_be_paused() || self.is_paused()
+    }
+
+    /// paused_user or paused_system.
+    pub fn is_paused(self) -> bool {
+        matches!(self, Phase::PausedUser | Phase::PausedSystem)
+    }
+}
+
+wire_enum! {
+    /// ImageTransferDirection.
+    Direction {
+        /// Client to disk.
+        Upload = "upload",
+        /// Disk to client.
+        Download = "download",
+    }
+}
+
+wire_enum! {
+    /// DiskFormat.
+    Format {
+        /// Raw image.
+        Raw = "raw",
+        /// QCOW2 image.
+        Cow = "cow",
+    }
+}
+
+wire_enum! {
+    /// ImageTransferTimeoutPolicy.
+    TimeoutPolicy {
+        /// Uploads pause, downloads are cancelled.
+        Legacy = "legacy",
+        /// Pause (paused_system).
+        Pause = "pause",
+        /// Cancel (cancelled_system).
+        Cancel = "cancel",
+    }
+}
+
+wire_enum! {
+    /// DiskStatus.
+    DiskStatus {
+        /// Usable.
+        Ok = "ok",
+        /// Held by a transfer.
+        Locked = "locked",
+        /// Content not trusted (failed or cancelled upload).
+        Illegal = "illegal",
+    }
+}
+
+/// Parse a wire enum from a request, or a 400 naming the field.
+pub fn parse_field<T>(field: &str, value: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+    parse(value).ok_or_else(|| Error::BadRequest(format!("Invalid value '{value}' for '{field}'")))
+}
+
+/// A disk: one file in the data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// UUID.
+    pub id: String,
+    /// Display name (also sent as alias).
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// raw or cow.
+    pub format: Format,
+    /// Virtual size in bytes.
+    pub provisioned_size: u64,
+    /// ok, locked or illegal.
+    pub status: DiskStatus,
+}
+
+/// A data server registered as a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// UUID, stable across restarts (kept by name in the database).
+    pub id: String,
+    /// Name given on the command line.
+    pub name: String,
+    /// The unix socket of its ticket control API.
+    pub control_socket: std::path::PathBuf,
+    /// Base URL of its data API (`http://HOST:PORT`), `/images/<ticket>` is
+    /// appended.
+    pub data_url: String,
+}
+
+impl Host {
+    /// The transfer URL of `ticket` on this host.
+    pub fn transfer_url(&self, ticket: &str) -> String {
+        let base = self.data_url.trim_end_matches('/');
+        let base = base.strip_suffix("/images").unwrap_or(base);
+        format!("{base}/images/{ticket}")
+    }
+}
+
+/// An image transfer as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// UUID.
+    pub id: String,
+    /// The disk it holds.
+    pub disk_id: String,
+    /// The host whose data server carries the ticket.
+    pub host_id: String,
+    /// upload or download.
+    pub direction: Direction,
+    /// The format of the transferred bytes (the disk's format).
+    pub format: Format,
+    /// Current phase.
+    pub phase: Phase,
+    /// The data server ticket id (a secret).
+    pub ticket_id: String,
+    /// Bytes the ticket covers.
+    pub ticket_size: u64,
+    /// Whether the ticket is installed on the host.
+    pub ticket_installed: bool,
+    /// Unix time when the ticket expires unless renewed (0: unknown).
+    pub ticket_expires: i64,
+    /// Client inactivity timeout in seconds (0 disables).
+    pub inactivity_timeout: u64,
+    /// What inactivity does.
+    pub timeout_policy: TimeoutPolicy,
+    /// Bytes moved, as the data server reports.
+    pub transferred: u64,
+    /// A request is in flight on the data server.
+    pub active: bool,
+    /// Client asked for a shallow transfer (recorded only).
+    pub shallow: bool,
+    /// Unix time of the last change or keep-alive.
+    pub updated: i64,
+    /// Unix time when it reached an end phase (0: not yet).
+    pub finished_at: i64,
+    /// Consecutive control API failures while transferring.
+    pub failures: u32,
+    /// Why it failed, if it did (logged and kept for the operator).
+    pub message: String,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A new random UUID (v4) as text.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_round_trip() {
+        for p in [
+            Phase::Initializing,
+            Phase::PausedSystem,
+            Phase::FinalizingCleanup,
+            Phase::FinishedFailure,
+        ] {
+            assert_eq!(Phase::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Phase::parse("TRANSFERRING"), None);
+        assert_eq!(Format::parse("cow"), Some(Format::Cow));
+    }
+
+    #[test]
+    fn transfer_url_joins() {
+        let mut h = Host {
+            id: "i".into(),
+            name: "n".into(),
+            control_socket: "/s".into(),
+            data_url: "http://h:1".into(),
+        };
+        assert_eq!(h.transfer_url("t"), "http://h:1/images/t");
+        h.data_url = "http://h:1/images/".into();
+        assert_eq!(h.transfer_url("t"), "http://h:1/images/t");
+    }
+}

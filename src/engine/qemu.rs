@@ -1,0 +1,202 @@
+//! qemu-nbd for transfers in guest-data format (`format=raw`) on QCOW2
+//! disks: as vdsm does on a real host, the engine serves the QCOW2 volume
+//! through qemu-nbd on a unix socket and gives the data server an
+//! `nbd:unix:` ticket URL, so clients read and write guest data while the
+//! volume stays QCOW2.
+//!
+//! Each server writes a pid file next to its socket, so an engine that was
+//! restarted can still stop the server its predecessor started.
+
+use super::error::{Error, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long qemu-nbd may take to listen.
+const START_DEADLINE: Duration = Duration::from_secs(15);
+/// How long it may take to exit after SIGTERM before SIGKILL.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The qemu-nbd servers of live transfers.
+#[derive(Debug)]
+pub struct NbdServers {
+    run_dir: PathBuf,
+    children: Mutex<HashMap<String, Child>>,
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+impl NbdServers {
+    /// Servers with sockets and pid files in `run_dir` (created).
+    pub fn new(run_dir: PathBuf) -> Result<NbdServers> {
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
+        Ok(NbdServers {
+            run_dir,
+            children: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The socket of transfer `id` (short: unix socket paths are limited).
+    pub fn socket(&self, id: &str) -> PathBuf {
+        self.run_dir.join(format!("nbd-{}.sock", short(id)))
+    }
+
+    fn pid_file(&self, id: &str) -> PathBuf {
+        self.run_dir.join(format!("nbd-{}.pid", short(id)))
+    }
+
+    /// The ticket URL of transfer `id`.
+    pub fn url(&self, id: &str) -> String {
+        format!("nbd:unix:{}", self.socket(id).display())
+    }
+
+    /// Make sure a qemu-nbd serves `image` (QCOW2) for transfer `id`.
+    pub async fn ensure(&self, id: &str, image: &Path, read_only: bool) -> Result<()> {
+        let socket = self.socket(id);
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", self.pid_file(id).display()))
+            .args([
+                "--format=qcow2",
+                "--shared=8",
+                "--persistent",
+                "--allocation-depth",
+            ])
+            .arg("--discard=unmap");
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        cmd.arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().map_err(|e| Error::io("start qemu-nbd", e))?;
+        tracing::info!(pid = child.id(), socket = %socket.display(), read_only, "qemu-nbd started");
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), child);
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                return Ok(());
+            }
+            let exited = {
+                let mut map = self.children.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get_mut(id).map(|c| c.try_wait()) {
+                    Some(Ok(Some(status))) => {
+                        map.remove(id);
+                        Some(status.to_string())
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(status) = exited {
+                return Err(Error::io(
+                    "qemu-nbd",
+                    std::io::Error::other(format!("exited at start ({status})")),
+                ));
+            }
+            if Instant::now() > end {
+                self.stop(id).await;
+                return Err(Error::io(
+                    "qemu-nbd",
+                    std::io::Error::other("did not listen in time"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stop the server of transfer `id`, ours or one a previous engine
+    /// started (found by its pid file, checked against its command line).
+    pub async fn stop(&self, id: &str) {
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let socket = self.socket(id);
+        match child {
+            Some(mut child) => {
+                let pid = child.id() as i32;
+                // SAFETY: kill(2) with a pid we spawned and still own (not
+                // reaped), so it cannot name another process.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let _ = tokio::task::spawn_blocking(move || {
+                    let end = Instant::now() + STOP_DEADLINE;
+                    while Instant::now() < end {
+                        if let Ok(Some(_)) = child.try_wait() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                })
+                .await;
+            }
+            None => self.stop_orphan(id, &socket).await,
+        }
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(self.pid_file(id));
+    }
+
+    async fn stop_orphan(&self, id: &str, socket: &Path) {
+        let Some(pid) = std::fs::read_to_string(self.pid_file(id))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        let is_ours = |pid: i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let text = String::from_utf8_lossy(&c);
+                    text.contains("qemu-nbd") && text.contains(&*socket.to_string_lossy())
+                })
+                .unwrap_or(false)
+        };
+        if !is_ours(pid) {
+            return;
+        }
+        tracing::info!(pid, "stopping the qemu-nbd of a previous engine");
+        // SAFETY: kill(2) on a pid whose command line names our socket.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let end = Instant::now() + STOP_DEADLINE;
+        while is_ours(pid) && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if is_ours(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Create an empty QCOW2 image of `size` bytes with qemu-img.
+pub fn create_qcow2(path: &Path, size: u64) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "compat=1.1"])
+        .arg(path)
+        .arg(size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io("run qemu-img", e))?;
+    if !out.status.success() {
+        return Err(Error::io(
+            "qemu-img create",
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    Ok(())
+}
