@@ -35,7 +35,10 @@ impl FileBackend {
         match tokio::task::spawn_blocking(move || f(&store)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Error::io(what, e)),
-            Err(e) => Err(Error::new(ErrorKind::Io, format!("{what}: worker failed: {e}"))),
+            Err(e) => Err(Error::new(
+                ErrorKind::Io,
+                format!("{what}: worker failed: {e}"),
+            )),
         }
     }
 }

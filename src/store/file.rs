@@ -146,7 +146,11 @@ impl FileStore {
                 offset,
                 len,
             );
-            if punched.is_ok() && self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
+            if punched.is_ok()
+                && self
+                    .fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
+                    .is_ok()
+            {
                 return Ok(());
             }
         }
@@ -192,7 +196,9 @@ impl FileStore {
         let off = libc::off_t::try_from(offset).map_err(|_| einval())?;
         let n = libc::off_t::try_from(len).map_err(|_| einval())?;
         // SAFETY: posix_fadvise on a valid, owned descriptor; no memory is passed.
-        let rc = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED) };
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED)
+        };
         if rc == 0 {
             Ok(())
         } else {
