@@ -297,9 +297,14 @@ async fn produce(
             }
         };
         op.progress().add(n as u64);
-        if tx.send(Ok(chunk)).await.is_err() {
-            // The client went away.
-            return;
+        tokio::select! {
+            sent = tx.send(Ok(chunk)) => if sent.is_err() {
+                // The client went away.
+                return;
+            },
+            // Dropping `tx` early aborts the response: the client sees a
+            // truncated body, as with imageio.
+            _ = op.ticket().wait_canceled() => return,
         }
         pos += n as u64;
     }
@@ -370,7 +375,14 @@ async fn put(
     let mut pending: Option<(JoinHandle<io::Result<()>>, u64)> = None;
     let mut body_error = None;
     while received < len {
-        match body.frame().await {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = ticket.wait_canceled() => {
+                finish_write(&op, pending.take()).await.ok();
+                return Err(Failure::closing(canceled_error(&ticket)));
+            }
+        };
+        match frame {
             None => break,
             Some(Err(e)) => {
                 body_error = Some(e);

@@ -362,6 +362,8 @@ pub struct Ticket {
     state: Mutex<TicketState>,
     /// Number of ops in flight; `remove` waits for 0.
     ongoing_tx: watch::Sender<usize>,
+    /// Becomes true when the ticket is cancelled.
+    canceled_tx: watch::Sender<bool>,
     store: Mutex<Option<Arc<FileStore>>>,
 }
 
@@ -391,6 +393,7 @@ impl Ticket {
             clock,
             state: Mutex::new(state),
             ongoing_tx: watch::channel(0).0,
+            canceled_tx: watch::channel(false).0,
             store: Mutex::new(None),
         }
     }
@@ -532,6 +535,15 @@ impl Ticket {
 
     fn cancel(&self) {
         self.state().canceled = true;
+        self.canceled_tx.send_replace(true);
+    }
+
+    /// Resolves once the ticket is cancelled, so an op blocked on a slow
+    /// peer can stop without waiting for the peer.
+    pub async fn wait_canceled(&self) {
+        let mut rx = self.canceled_tx.subscribe();
+        // The sender lives as long as the ticket: an error cannot happen.
+        let _ = rx.wait_for(|c| *c).await;
     }
 }
 

@@ -92,7 +92,10 @@ impl Proc {
         match rx.recv_timeout(START_DEADLINE) {
             Ok(line) => proc.first_line = line,
             Err(_) => {
-                let status = proc.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let status = proc
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
                 panic!("{name} printed no first line within {START_DEADLINE:?} (exit: {status:?})");
             }
         }
@@ -135,7 +138,11 @@ impl Proc {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < end, "{} did not exit within {deadline:?}", self.name);
+            assert!(
+                Instant::now() < end,
+                "{} did not exit within {deadline:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -149,7 +156,10 @@ impl Drop for Proc {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
-        let _ = Command::new("kill").arg("-15").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-15")
+            .arg(child.id().to_string())
+            .status();
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
             if let Ok(Some(_)) = child.try_wait() {
@@ -166,7 +176,10 @@ impl Drop for Proc {
 pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
     while !cond() {
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -199,3 +212,4 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+pub mod imageio;
