@@ -176,6 +176,12 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }
+
+    /// SIGTERM the server and wait for its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.proc.signal(15);
+        self.proc.wait_exit(std::time::Duration::from_secs(10))
+    }
 }
 
 /// A ticket JSON for `path`.
