@@ -3,6 +3,7 @@
 //! registers an op on it and runs the storage work on blocking threads.
 
 use super::body::{self, Body, ChannelBody};
+use super::buffers::{BufferPool, PoolBuf};
 use super::checksum::{self, Algorithm};
 use super::error::ApiError;
 use super::range::{parse_content_range, parse_range};
@@ -10,7 +11,7 @@ use super::ticket::{Access, Ticket};
 use super::{Conn, Failure, Query, Shared};
 use crate::store::FileStore;
 use crate::telemetry::redact;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -25,11 +26,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Bytes read from disk per GET chunk.
-const READ_CHUNK: usize = 4 * 1024 * 1024;
+pub(crate) const READ_CHUNK: usize = 4 * 1024 * 1024;
 /// GET chunks read ahead of the socket.
 const READ_AHEAD: usize = 3;
 /// Bytes gathered from a PUT body before one `pwrite`.
-const WRITE_CHUNK: usize = 8 * 1024 * 1024;
+pub(crate) const WRITE_CHUNK: usize = 8 * 1024 * 1024;
 /// Largest PATCH body read.
 const MAX_PATCH_BODY: usize = 64 * 1024;
 /// Largest single zero step (cancellation is checked between steps).
@@ -229,7 +230,14 @@ async fn get(
     } else {
         let op = ticket.start_op(offset)?;
         let (tx, rx) = mpsc::channel(READ_AHEAD);
-        tokio::spawn(produce(op, store, offset, len, tx));
+        tokio::spawn(produce(
+            op,
+            store,
+            shared.read_pool.clone(),
+            offset,
+            len,
+            tx,
+        ));
         Response::new(ChannelBody::new(rx, len).boxed())
     };
     let headers = resp.headers_mut();
@@ -264,6 +272,7 @@ async fn get(
 async fn produce(
     op: super::ticket::OpGuard,
     store: Arc<FileStore>,
+    pool: Arc<BufferPool>,
     offset: u64,
     len: u64,
     tx: mpsc::Sender<io::Result<Bytes>>,
@@ -279,9 +288,11 @@ async fn produce(
         }
         let n = (end - pos).min(READ_CHUNK as u64) as usize;
         let s = store.clone();
+        let mut buf = pool.get();
         let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            s.read_at(pos, &mut buf).map(|()| Bytes::from(buf))
+            s.read_at(pos, buf.fill(n))?;
+            // The buffer goes back to the pool when hyper drops the chunk.
+            Ok::<_, io::Error>(Bytes::from_owner(buf))
         })
         .await;
         let chunk = match read {
@@ -369,7 +380,8 @@ async fn put(
     let store = open_store(&ticket).await.map_err(Failure::closing)?;
     let op = ticket.start_op(offset).map_err(Failure::closing)?;
     let mut body = req.into_body();
-    let mut buf = BytesMut::with_capacity(WRITE_CHUNK.min(len as usize));
+    let pool = &shared.write_pool;
+    let mut buf = pool.get();
     let mut pos = offset;
     let mut received = 0u64;
     let mut pending: Option<(JoinHandle<io::Result<()>>, u64)> = None;
@@ -382,42 +394,41 @@ async fn put(
                 return Err(Failure::closing(canceled_error(&ticket)));
             }
         };
-        match frame {
+        let data = match frame {
             None => break,
             Some(Err(e)) => {
                 body_error = Some(e);
                 break;
             }
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                received += data.len() as u64;
-                buf.extend_from_slice(&data);
-                if buf.len() >= WRITE_CHUNK {
-                    if ticket.canceled() {
-                        finish_write(&op, pending.take()).await.ok();
-                        return Err(Failure::closing(canceled_error(&ticket)));
-                    }
-                    let chunk = buf.split().freeze();
-                    buf.reserve(WRITE_CHUNK.min((len - received) as usize));
-                    // At most two chunks live: one being written, one filling.
-                    finish_write(&op, pending.take())
-                        .await
-                        .map_err(Failure::closing)?;
-                    let n = chunk.len() as u64;
-                    pending = Some(submit_write(&store, pos, chunk));
-                    pos += n;
-                }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        received += data.len() as u64;
+        let mut rest: &[u8] = &data;
+        while !rest.is_empty() {
+            let taken = buf.extend(rest);
+            rest = rest.get(taken..).unwrap_or_default();
+            if buf.remaining() == 0 {
+                // At most two chunks live: one being written, one filling.
+                let full = std::mem::replace(&mut buf, pool.get());
+                finish_write(&op, pending.take())
+                    .await
+                    .map_err(Failure::closing)?;
+                let n = full.len() as u64;
+                pending = Some(submit_write(&store, pos, full));
+                pos += n;
             }
         }
     }
     if !buf.is_empty() {
-        let chunk = buf.split().freeze();
         finish_write(&op, pending.take())
             .await
             .map_err(Failure::closing)?;
-        pending = Some(submit_write(&store, pos, chunk));
+        pending = Some(submit_write(&store, pos, buf));
+    } else {
+        drop(buf);
     }
     finish_write(&op, pending.take())
         .await
@@ -446,12 +457,12 @@ async fn put(
 fn submit_write(
     store: &Arc<FileStore>,
     pos: u64,
-    chunk: Bytes,
+    chunk: PoolBuf,
 ) -> (JoinHandle<io::Result<()>>, u64) {
     let n = chunk.len() as u64;
     let s = store.clone();
     (
-        tokio::task::spawn_blocking(move || s.write_at(pos, &chunk)),
+        tokio::task::spawn_blocking(move || s.write_direct(pos, chunk.as_ref())),
         n,
     )
 }

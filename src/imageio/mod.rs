@@ -26,6 +26,7 @@
 //! ```
 
 mod body;
+mod buffers;
 mod checksum;
 mod control;
 mod error;
@@ -61,6 +62,8 @@ use tokio::task::JoinHandle;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long open connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Idle buffers kept per pool (bounds memory kept between requests).
+const POOL_IDLE: usize = 8;
 /// Largest hyper read buffer: large body frames, fewer wake-ups.
 const MAX_BUF_SIZE: usize = 4 * 1024 * 1024;
 
@@ -107,6 +110,10 @@ pub(crate) struct Shared {
     max_readers: u32,
     max_writers: u32,
     next_conn: AtomicU64,
+    /// GET chunk buffers.
+    read_pool: Arc<buffers::BufferPool>,
+    /// PUT chunk buffers.
+    write_pool: Arc<buffers::BufferPool>,
 }
 
 /// One HTTP connection: the tickets it used (for `connections`).
@@ -307,6 +314,8 @@ impl DataServer {
             max_readers: config.max_readers,
             max_writers: config.max_writers,
             next_conn: AtomicU64::new(0),
+            read_pool: buffers::BufferPool::new(handlers::READ_CHUNK, POOL_IDLE),
+            write_pool: buffers::BufferPool::new(handlers::WRITE_CHUNK, POOL_IDLE),
         });
         let shutdown = Shutdown::new();
         let mut tasks = vec![

@@ -478,10 +478,12 @@ impl Ticket {
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
-        let s = Arc::new(FileStore::open(
-            &self.spec.path,
-            self.spec.may(Access::Write),
-        )?);
+        let writable = self.spec.may(Access::Write);
+        let mut store = FileStore::open(&self.spec.path, writable)?;
+        if writable {
+            store = store.with_direct_writes();
+        }
+        let s = Arc::new(store);
         *slot = Some(s.clone());
         Ok(s)
     }
