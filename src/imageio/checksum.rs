@@ -105,8 +105,13 @@ pub fn compute(
         .filter(|e| e.hole)
         .collect();
     let block_len = usize::try_from(block_size).map_err(|_| std::io::Error::other("block size"))?;
-    let mut buf = vec![0u8; block_len];
-    let zero_digest = algorithm.digest(&buf);
+    // Aligned for direct reads.
+    let mut raw = vec![0u8; block_len + crate::store::DIRECT_ALIGN];
+    let start = raw.as_ptr().align_offset(crate::store::DIRECT_ALIGN);
+    let buf = raw
+        .get_mut(start..start + block_len)
+        .ok_or_else(|| std::io::Error::other("block buffer"))?;
+    let zero_digest = algorithm.digest(buf);
     let mut outer = Vec::new();
     let mut offset = 0u64;
     let mut hole_idx = 0;
@@ -133,7 +138,7 @@ pub fn compute(
             let chunk = buf
                 .get_mut(..n)
                 .ok_or_else(|| std::io::Error::other("block buffer"))?;
-            store.read_at(offset, chunk)?;
+            store.read_direct(offset, chunk)?;
             outer.extend_from_slice(&algorithm.digest(chunk));
         }
         progress(len);

@@ -20,6 +20,7 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -27,10 +28,14 @@ use tokio::task::JoinHandle;
 
 /// Bytes read from disk per GET chunk.
 pub(crate) const READ_CHUNK: usize = 4 * 1024 * 1024;
-/// GET chunks read ahead of the socket.
-const READ_AHEAD: usize = 3;
+/// GET chunks queued ahead of the socket.
+const READ_AHEAD: usize = 2;
+/// GET chunk reads running at once (the disk likes a queue depth above 1).
+const READS_IN_FLIGHT: usize = 2;
 /// Bytes gathered from a PUT body before one `pwrite`.
 pub(crate) const WRITE_CHUNK: usize = 8 * 1024 * 1024;
+/// PUT chunks written at once (the disk likes a queue depth above 1).
+const WRITES_IN_FLIGHT: usize = 2;
 /// Largest PATCH body read.
 const MAX_PATCH_BODY: usize = 64 * 1024;
 /// Largest single zero step (cancellation is checked between steps).
@@ -278,27 +283,37 @@ async fn produce(
     tx: mpsc::Sender<io::Result<Bytes>>,
 ) {
     let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
+    let mut next = offset;
+    let mut reads: VecDeque<(JoinHandle<io::Result<Bytes>>, usize)> = VecDeque::new();
+    loop {
+        while reads.len() < READS_IN_FLIGHT && next < end {
+            let n = (end - next).min(READ_CHUNK as u64) as usize;
+            let s = store.clone();
+            let mut buf = pool.get();
+            let at = next;
+            reads.push_back((
+                tokio::task::spawn_blocking(move || {
+                    s.read_direct(at, buf.fill(n))?;
+                    // The buffer goes back to the pool when hyper drops it.
+                    Ok(Bytes::from_owner(buf))
+                }),
+                n,
+            ));
+            next += n as u64;
+        }
+        let Some((read, n)) = reads.pop_front() else {
+            return;
+        };
         if op.ticket().canceled() {
             let _ = tx
                 .send(Err(io::Error::other("ticket canceled during read")))
                 .await;
             return;
         }
-        let n = (end - pos).min(READ_CHUNK as u64) as usize;
-        let s = store.clone();
-        let mut buf = pool.get();
-        let read = tokio::task::spawn_blocking(move || {
-            s.read_at(pos, buf.fill(n))?;
-            // The buffer goes back to the pool when hyper drops the chunk.
-            Ok::<_, io::Error>(Bytes::from_owner(buf))
-        })
-        .await;
-        let chunk = match read {
+        let chunk = match read.await {
             Ok(Ok(chunk)) => chunk,
             Ok(Err(e)) => {
-                tracing::error!(error = %e, offset = pos, "read failed");
+                tracing::error!(error = %e, "read failed");
                 let _ = tx.send(Err(e)).await;
                 return;
             }
@@ -317,7 +332,6 @@ async fn produce(
             // truncated body, as with imageio.
             _ = op.ticket().wait_canceled() => return,
         }
-        pos += n as u64;
     }
 }
 
@@ -384,13 +398,13 @@ async fn put(
     let mut buf = pool.get();
     let mut pos = offset;
     let mut received = 0u64;
-    let mut pending: Option<(JoinHandle<io::Result<()>>, u64)> = None;
+    let mut pending: VecDeque<(JoinHandle<io::Result<()>>, u64)> = VecDeque::new();
     let mut body_error = None;
     while received < len {
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = ticket.wait_canceled() => {
-                finish_write(&op, pending.take()).await.ok();
+                finish_writes(&op, &mut pending, 0).await.ok();
                 return Err(Failure::closing(canceled_error(&ticket)));
             }
         };
@@ -411,26 +425,23 @@ async fn put(
             let taken = buf.extend(rest);
             rest = rest.get(taken..).unwrap_or_default();
             if buf.remaining() == 0 {
-                // At most two chunks live: one being written, one filling.
+                // Bounded: WRITES_IN_FLIGHT chunks being written, one filling.
                 let full = std::mem::replace(&mut buf, pool.get());
-                finish_write(&op, pending.take())
+                finish_writes(&op, &mut pending, WRITES_IN_FLIGHT - 1)
                     .await
                     .map_err(Failure::closing)?;
                 let n = full.len() as u64;
-                pending = Some(submit_write(&store, pos, full));
+                pending.push_back(submit_write(&store, pos, full));
                 pos += n;
             }
         }
     }
     if !buf.is_empty() {
-        finish_write(&op, pending.take())
-            .await
-            .map_err(Failure::closing)?;
-        pending = Some(submit_write(&store, pos, buf));
+        pending.push_back(submit_write(&store, pos, buf));
     } else {
         drop(buf);
     }
-    finish_write(&op, pending.take())
+    finish_writes(&op, &mut pending, 0)
         .await
         .map_err(Failure::closing)?;
     if received < len {
@@ -467,21 +478,23 @@ fn submit_write(
     )
 }
 
-async fn finish_write(
+/// Wait for the oldest writes until at most `keep` are in flight.
+async fn finish_writes(
     op: &super::ticket::OpGuard,
-    pending: Option<(JoinHandle<io::Result<()>>, u64)>,
+    pending: &mut VecDeque<(JoinHandle<io::Result<()>>, u64)>,
+    keep: usize,
 ) -> Result<(), ApiError> {
-    let Some((handle, n)) = pending else {
-        return Ok(());
-    };
-    match handle.await {
-        Ok(Ok(())) => {
-            op.progress().add(n);
-            Ok(())
+    while pending.len() > keep {
+        let Some((handle, n)) = pending.pop_front() else {
+            break;
+        };
+        match handle.await {
+            Ok(Ok(())) => op.progress().add(n),
+            Ok(Err(e)) => return Err(ApiError::Internal(e)),
+            Err(e) => return Err(ApiError::Internal(io::Error::other(e))),
         }
-        Ok(Err(e)) => Err(ApiError::Internal(e)),
-        Err(e) => Err(ApiError::Internal(io::Error::other(e))),
     }
+    Ok(())
 }
 
 async fn patch(

@@ -479,11 +479,7 @@ impl Ticket {
             return Ok(s.clone());
         }
         let writable = self.spec.may(Access::Write);
-        let mut store = FileStore::open(&self.spec.path, writable)?;
-        if writable {
-            store = store.with_direct_writes();
-        }
-        let s = Arc::new(store);
+        let s = Arc::new(FileStore::open(&self.spec.path, writable)?.with_direct_io());
         *slot = Some(s.clone());
         Ok(s)
     }
