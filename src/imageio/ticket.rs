@@ -144,6 +144,17 @@ impl TicketSpec {
         })
     }
 
+    /// The transfer label for logs: the given `transfer_id`, or, for the
+    /// default one (which embeds 18 characters of the secret ticket id),
+    /// a redacted form.
+    pub fn log_label(&self) -> String {
+        if self.transfer_id.starts_with("(ticket/") {
+            format!("(ticket/{})", redact(&self.uuid))
+        } else {
+            self.transfer_id.clone()
+        }
+    }
+
     /// Whether the ticket allows `access` (write implies read).
     pub fn may(&self, access: Access) -> bool {
         match access {
@@ -620,7 +631,7 @@ impl TicketStore {
     pub fn add(&self, spec: TicketSpec) {
         tracing::info!(
             ticket = %redact(&spec.uuid),
-            transfer = %spec.transfer_id,
+            transfer = %spec.log_label(),
             size = spec.size,
             ops = ?spec.ops,
             "ticket added"
@@ -687,7 +698,7 @@ impl TicketStore {
         if map.get(id).is_some_and(|t| Arc::ptr_eq(t, &ticket)) {
             map.remove(id);
         }
-        tracing::info!(ticket = %redact(id), transfer = %ticket.spec.transfer_id, "ticket removed");
+        tracing::info!(ticket = %redact(id), transfer = %ticket.spec.log_label(), "ticket removed");
         Ok(())
     }
 
@@ -723,6 +734,8 @@ mod tests {
     fn parse_defaults() {
         let s = spec(json!({})).unwrap();
         assert_eq!(s.transfer_id, "(ticket/abc)");
+        let long = spec(json!({"uuid": "0123456789abcdef0123"})).unwrap();
+        assert_eq!(long.log_label(), "(ticket/01234567…)");
         assert_eq!(s.inactivity_timeout, 60);
         assert!(!s.sparse && !s.dirty);
         assert!(s.may(Access::Read) && !s.may(Access::Write));
