@@ -711,3 +711,30 @@ fn ours_stops_on_sigterm() {
         "sockets left behind"
     );
 }
+
+/// A generic HTTP client: nbdkit's curl plugin (HEAD for the size, then
+/// ranged GETs) reads an image through our server, and nbdcopy copies it
+/// out bit-exact. The real daemon answers HEAD with 405, so this is ours
+/// only.
+#[test]
+fn ours_serves_nbdkit_curl_plugin() {
+    if !support::require("nbdkit") || !support::require("nbdcopy") {
+        return;
+    }
+    let (s, data) = setup(Kind::Ours);
+    let sock = s.path("nbd.sock");
+    let out = s.path("copy.raw");
+    let url = s.url("ro-ticket");
+    support::run_ok(
+        std::process::Command::new("nbdkit")
+            .args(["-U"])
+            .arg(&sock)
+            .args(["--run", "nbdcopy \"$uri\" \"$OUT\"", "curl"])
+            .arg(format!("url={url}"))
+            .env("OUT", &out),
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "nbdkit curl copy differs"
+    );
+}
