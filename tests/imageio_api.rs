@@ -738,3 +738,38 @@ fn ours_serves_nbdkit_curl_plugin() {
         "nbdkit curl copy differs"
     );
 }
+
+/// A connection that used a ticket is closed after the ticket's
+/// inactivity_timeout without traffic, like imageio.
+#[test]
+fn ours_closes_idle_connection_after_inactivity_timeout() {
+    let s = start_ours();
+    let img = s.path("img.raw");
+    image(&img, MIB, 5);
+    let mut t = ticket("idle-ticket", &img, MIB, &["read"]);
+    t["inactivity_timeout"] = 1.into();
+    s.add_ticket(&t);
+    let addr = s
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    sock.write_all(b"GET /images/idle-ticket HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n")
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    // Keep-alive: the server answers, then closes the idle socket (EOF).
+    let n = sock.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 206"), "{text}");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+}

@@ -31,6 +31,7 @@ mod checksum;
 mod control;
 mod error;
 mod handlers;
+mod idle;
 mod range;
 mod ticket;
 
@@ -58,7 +59,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 
-/// How long an idle connection (no request header arriving) is kept.
+/// How long an idle connection is kept before it used a ticket (then the
+/// ticket's `inactivity_timeout` applies).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long open connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -116,15 +118,21 @@ pub(crate) struct Shared {
     write_pool: Arc<buffers::BufferPool>,
 }
 
-/// One HTTP connection: the tickets it used (for `connections`).
+/// One HTTP connection: the tickets it used (for `connections`) and its
+/// activity (for the idle timeout).
 #[derive(Debug)]
 pub(crate) struct Conn {
     id: u64,
     tickets: Mutex<Vec<Arc<Ticket>>>,
+    activity: Arc<idle::Activity>,
 }
 
 impl Conn {
     fn bind(&self, ticket: &Arc<Ticket>) {
+        // Like imageio: once a connection uses a ticket, the ticket's
+        // inactivity_timeout applies to it.
+        self.activity
+            .set_timeout(Duration::from_secs(ticket.spec().inactivity_timeout));
         let mut list = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         if !list.iter().any(|t| Arc::ptr_eq(t, ticket)) {
             ticket.add_connection(self.id);
@@ -222,6 +230,7 @@ async fn route(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let query = Query::parse(req.uri().query());
+    let _busy = conn.activity.busy();
     let result = dispatch(&shared, &conn, service, req, &path, &query).await;
     Ok(match result {
         Ok(resp) => resp,
@@ -458,9 +467,11 @@ async fn serve<S>(stream: S, service: Service, shared: Arc<Shared>, shutdown: Sh
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = Arc::new(idle::Activity::new(IDLE_TIMEOUT));
     let conn = Arc::new(Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
         tickets: Mutex::new(Vec::new()),
+        activity: activity.clone(),
     });
     let conn_id = conn.id;
     let svc = {
@@ -470,16 +481,21 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(IDLE_TIMEOUT)
+        // The idle watch below replaces hyper's fixed header timeout.
+        .header_read_timeout(None)
         .max_buf_size(MAX_BUF_SIZE)
         .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(stream), svc);
+    let io = TokioIo::new(idle::ActivityIo::new(stream, activity.clone()));
+    let connection = builder.serve_connection(io, svc);
     tokio::pin!(connection);
     tokio::select! {
         res = connection.as_mut() => {
             if let Err(e) = res {
                 tracing::debug!(conn = conn_id, error = %e, "connection ended with an error");
             }
+        }
+        () = activity.idle_expired() => {
+            tracing::debug!(conn = conn_id, "closing idle connection");
         }
         _ = shutdown.wait() => {
             connection.as_mut().graceful_shutdown();
