@@ -15,6 +15,25 @@
 //! - `range`, `checksum`, `body`: header parsing, block checksums, bodies;
 //! - `error`: [`ApiError`], the only mapping from a failure to HTTP.
 //!
+//! # Where we differ from ovirt-imageio 2.5.1 (on purpose)
+//! - HEAD answers like GET without a body, and a `Range` whose last byte
+//!   lies past the end is clamped to the end (imageio: 405 and 416), so
+//!   generic HTTP clients such as nbdkit's curl plugin work. A range that
+//!   starts at or past the end is 416 (imageio: 206 / 400).
+//! - `extents?context=zero` reports real holes (`SEEK_DATA`/`SEEK_HOLE`);
+//!   imageio's file backend reports one data extent. A dirty ticket on a
+//!   file reports everything dirty (a file keeps no bitmap).
+//! - Several writers per ticket are safe (positional I/O): OPTIONS
+//!   advertises `max_writers` 8 (imageio: 1 for files).
+//! - Stricter input: ticket ids are `[A-Za-z0-9._-]`, `file:` URLs must be
+//!   absolute and normalized, `ops` only `read`/`write`, integers must not
+//!   be booleans or floats, a PUT `Content-Range` must match
+//!   `Content-Length`, request bodies of the JSON APIs are capped (413).
+//! - Only `file://` URLs (no nbd/http backends); checksums with blake2b and
+//!   blake2s only.
+//! - An unaligned PUT never grows the file (imageio's O_DIRECT
+//!   read-modify-write rounds it up to 4 KiB).
+//!
 //! # Embedding
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
