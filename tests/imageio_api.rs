@@ -773,3 +773,87 @@ fn ours_closes_idle_connection_after_inactivity_timeout() {
         "closed after {waited:?}"
     );
 }
+
+/// `connections` counts the HTTP connections that used a ticket, while
+/// they are open; `active` is false between requests.
+fn connections_alike(kind: Kind) {
+    if !have_venv() {
+        return;
+    }
+    let (s, data) = setup(kind);
+    let addr = s
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    sock.write_all(b"GET /images/ro-ticket HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n")
+        .unwrap();
+    // Read the whole response (headers + 10 bytes), keep the socket open.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(&data[..10]) {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "{kind:?}: closed early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let st = s.ticket_status("ro-ticket");
+    assert_eq!(
+        (st["connections"].as_u64(), &st["active"]),
+        (Some(1), &json!(false)),
+        "{kind:?}"
+    );
+    drop(sock);
+    support::wait_until("connection released", Duration::from_secs(10), || {
+        s.ticket_status("ro-ticket")["connections"] == 0
+    });
+}
+
+#[test]
+fn connections_alike_ours() {
+    connections_alike(Kind::Ours);
+}
+
+#[test]
+fn connections_alike_daemon() {
+    connections_alike(Kind::Daemon);
+}
+
+/// DELETE while a PUT body is still arriving: the upload is refused with
+/// 403 and the ticket goes away at once.
+#[test]
+fn ours_delete_cancels_stalled_put() {
+    let (s, _) = setup(Kind::Ours);
+    let addr = s
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Announce 1 MiB, send 1000 bytes, then stall.
+    sock.write_all(b"PUT /images/rw-ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+        .unwrap();
+    sock.write_all(&[9u8; 1000]).unwrap();
+    support::wait_until("PUT in flight", Duration::from_secs(10), || {
+        s.ticket_status("rw-ticket")["active"] == true
+    });
+    assert_eq!(s.control("DELETE", "/tickets/rw-ticket", None).status, 204);
+    let mut got = Vec::new();
+    let _ = sock.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("Transfer tr-rw was canceled"), "{text}");
+    assert_eq!(s.control("GET", "/tickets/rw-ticket", None).status, 404);
+}
