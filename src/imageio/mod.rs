@@ -84,7 +84,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long open connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Idle buffers kept per pool (bounds memory kept between requests).
-const POOL_IDLE: usize = 8;
+const POOL_IDLE: usize = 4;
 /// Largest hyper read buffer: large body frames, fewer wake-ups.
 const MAX_BUF_SIZE: usize = 4 * 1024 * 1024;
 
