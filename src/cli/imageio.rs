@@ -1,6 +1,7 @@
 //! `nbdbridge imageio`: the data server on its own (issue 3).
 
 use super::CliError;
+use nbdbridge::imageio::{Config, DataServer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,6 +21,20 @@ pub struct ImageioArgs {
 
 /// Run the data server until SIGINT / SIGTERM.
 pub async fn run(args: ImageioArgs) -> Result<ExitCode, CliError> {
-    let _ = args;
-    Err("the imageio data server is not built yet".into())
+    let mut config = Config::new(args.listen, args.control_socket);
+    config.local_socket = args.local_socket;
+    // Handlers are installed before the URL is printed, so a signal sent
+    // right after the contract line still stops the server in order.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let server = DataServer::start(config).await?;
+    super::announce(server.url())?;
+    let name = tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    tracing::info!(signal = name, "stopping");
+    server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
 }

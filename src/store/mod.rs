@@ -7,4 +7,4 @@
 
 mod file;
 
-pub use file::{FileStore, StoreExtent};
+pub use file::{DIRECT_ALIGN, FileStore, StoreExtent};
