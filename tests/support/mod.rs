@@ -199,3 +199,4 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+pub mod nbd;
