@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 use support::nbd::{self, Run, ServeOpts};
-use support::{require, run_ok};
+use support::require;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -46,7 +46,7 @@ fn nbdcopy(src: &str, dst: &str) {
         src,
         dst,
     ]);
-    let out = run_ok(&mut cmd);
+    let out = nbd::run_client(&mut cmd);
     let log = String::from_utf8_lossy(&out.stderr);
     let line = log
         .lines()
@@ -123,8 +123,18 @@ fn round_trip_nbd_to_nbd_and_read_to_null() {
     let b = nbd::serve_file(&dst.path, &ServeOpts::default());
     nbdcopy(&a.uri, &b.uri);
     // Read everything back out of both (to null:), as the bench does.
-    run_ok(Command::new("nbdcopy").args(["--connections=4", "--threads=4", &a.uri, "null:"]));
-    run_ok(Command::new("nbdcopy").args(["--connections=4", "--threads=4", &b.uri, "null:"]));
+    nbd::run_client(&mut Command::new("nbdcopy").args([
+        "--connections=4",
+        "--threads=4",
+        &a.uri,
+        "null:",
+    ]));
+    nbd::run_client(&mut Command::new("nbdcopy").args([
+        "--connections=4",
+        "--threads=4",
+        &b.uri,
+        "null:",
+    ]));
     a.stop();
     b.stop();
     nbd::assert_same_bytes(&src.path, &dst.path);

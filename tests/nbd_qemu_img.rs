@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 use support::nbd::{self, Run, ServeOpts};
-use support::{require, run_ok};
+use support::require;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -21,7 +21,7 @@ fn ready() -> bool {
 fn qemu_ext(tool: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(tool);
     cmd.args(["--trace", "nbd_receive_option_reply"]).args(args);
-    let out = run_ok(&mut cmd);
+    let out = nbd::run_client(&mut cmd);
     let trace = String::from_utf8_lossy(&out.stderr);
     assert!(
         trace.contains("option reply 11 (extended headers), type 1 (ack)"),
@@ -61,7 +61,16 @@ fn convert_raw_to_nbd_and_back_is_bit_exact() {
     let server = nbd::serve_file(&target.path, &ServeOpts::default());
     qemu_ext(
         "qemu-img",
-        &["convert", "-n", "-f", "raw", "-O", "raw", s(&src.path), &server.uri],
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            s(&src.path),
+            &server.uri,
+        ],
     );
     server.stop();
     nbd::assert_same_bytes(&src.path, &target.path);
@@ -100,8 +109,15 @@ fn sparse_qcow2_source_converts_and_compares() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let qcow = dir.path().join("src.qcow2");
-    run_ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", s(&qcow), "32M"]));
-    run_ok(Command::new("qemu-io").args([
+    nbd::run_client(&mut Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s(&qcow),
+        "32M",
+    ]));
+    nbd::run_client(&mut Command::new("qemu-io").args([
         "-f",
         "qcow2",
         "-c",
@@ -119,7 +135,16 @@ fn sparse_qcow2_source_converts_and_compares() {
     let server = nbd::serve_file(&target.path, &ServeOpts::default());
     qemu_ext(
         "qemu-img",
-        &["convert", "-n", "-f", "qcow2", "-O", "raw", s(&qcow), &server.uri],
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            s(&qcow),
+            &server.uri,
+        ],
     );
     // qemu-img compare through NBD: identical.
     qemu_ext(
@@ -127,17 +152,22 @@ fn sparse_qcow2_source_converts_and_compares() {
         &["compare", "-f", "qcow2", "-F", "raw", s(&qcow), &server.uri],
     );
     // Change one byte through NBD; compare must now see the difference.
-    run_ok(Command::new("qemu-io").args([
+    nbd::run_client(&mut Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",
         "write -P 0x77 5M 1",
         &server.uri,
     ]));
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw", s(&qcow), &server.uri])
-        .output()
-        .expect("run qemu-img compare");
+    let out = nbd::run_client_any(&mut Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        s(&qcow),
+        &server.uri,
+    ]));
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -153,7 +183,15 @@ fn sparse_qcow2_source_converts_and_compares() {
     server.stop();
     // And the file itself holds the qcow2's content plus that byte.
     let raw = dir.path().join("expected.raw");
-    run_ok(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", s(&qcow), s(&raw)]));
+    nbd::run_client(&mut Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        s(&qcow),
+        s(&raw),
+    ]));
     let mut expected = std::fs::read(&raw).expect("read expected");
     expected[5 * MIB as usize] = 0x77;
     let got = std::fs::read(&target.path).expect("read target");
@@ -225,10 +263,13 @@ fn qemu_io_odd_ranges_over_extended_headers() {
         "qemu-io reported a failure:\n{text}"
     );
     // A read of 0x5a where zeros are must fail: proves -P checks.
-    let bad = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0x5a 0 4096", &server.uri])
-        .output()
-        .expect("run qemu-io");
+    let bad = nbd::run_client_any(&mut Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5a 0 4096",
+        &server.uri,
+    ]));
     assert!(
         String::from_utf8_lossy(&bad.stdout).contains("Pattern verification failed"),
         "qemu-io pattern check should fail on zeros: {}",
@@ -236,8 +277,14 @@ fn qemu_io_odd_ranges_over_extended_headers() {
     );
     server.stop();
     let data = std::fs::read(&img.path).expect("read image");
-    assert!(data[4097..4097 + 8191].iter().all(|&b| b == 0x5a), "file: 0x5a run");
-    assert!(data[..4097].iter().all(|&b| b == 0), "file: zeros before 4097");
+    assert!(
+        data[4097..4097 + 8191].iter().all(|&b| b == 0x5a),
+        "file: 0x5a run"
+    );
+    assert!(
+        data[..4097].iter().all(|&b| b == 0),
+        "file: zeros before 4097"
+    );
     assert_eq!(data[8 * MIB as usize - 1], 0x11, "file: last byte");
     assert!(
         data[2 * MIB as usize + 4096..2 * MIB as usize + 65536]
@@ -256,10 +303,13 @@ fn qemu_io_reads_past_the_end_fail() {
     let server = nbd::serve_file(&img.path, &ServeOpts::default());
     // qemu's block layer refuses requests past the size itself, so this
     // checks the size the server advertised over extended headers.
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read 1048064 1024", &server.uri])
-        .output()
-        .expect("run qemu-io");
+    let out = nbd::run_client_any(&mut Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read 1048064 1024",
+        &server.uri,
+    ]));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -139,8 +139,16 @@ impl Raw {
 
     /// One option reply: (reply type, data); checks magic and the echoed code.
     fn reply(&mut self, code: u32) -> (u32, Vec<u8>) {
-        assert_eq!(self.u64("option reply magic"), REPLY_MAGIC, "option reply magic");
-        assert_eq!(self.u32("option code"), code, "option reply echoes the option");
+        assert_eq!(
+            self.u64("option reply magic"),
+            REPLY_MAGIC,
+            "option reply magic"
+        );
+        assert_eq!(
+            self.u32("option code"),
+            code,
+            "option reply echoes the option"
+        );
         let typ = self.u32("reply type");
         let len = self.u32("reply length");
         assert!(len <= 1 << 20, "option reply of {len} bytes");
@@ -166,7 +174,10 @@ impl Raw {
     /// GO; the (size, transmission flags) from INFO_EXPORT.
     fn go(&mut self, name: &str) -> (u64, u16) {
         let (infos, last) = self.go_replies(OPT_GO, name, &[]);
-        assert_eq!(last, REP_ACK, "GO for {name:?} must end with ACK (got {last:#x})");
+        assert_eq!(
+            last, REP_ACK,
+            "GO for {name:?} must end with ACK (got {last:#x})"
+        );
         export_info(&infos)
     }
 
@@ -184,7 +195,15 @@ impl Raw {
     }
 
     /// An extended (32-byte) request.
-    fn ext_request(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, len: u64, data: &[u8]) {
+    fn ext_request(
+        &mut self,
+        flags: u16,
+        typ: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) {
         let mut b = Vec::with_capacity(32 + data.len());
         b.extend_from_slice(&EXT_REQUEST_MAGIC.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -242,7 +261,13 @@ impl Raw {
         let offset = self.u64("chunk offset");
         let len = self.u64("chunk length");
         assert!(len <= 64 << 20, "chunk of {len} bytes");
-        (flags, typ, cookie, offset, self.recv(len as usize, "chunk payload"))
+        (
+            flags,
+            typ,
+            cookie,
+            offset,
+            self.recv(len as usize, "chunk payload"),
+        )
     }
 
     /// True when the server hangs up (EOF or reset) within the deadline.
@@ -280,7 +305,11 @@ fn export_info(infos: &[(u16, Vec<u8>)]) -> (u64, u16) {
         .find(|(t, _)| *t == INFO_EXPORT)
         .expect("GO/INFO success must carry INFO_EXPORT")
         .1;
-    assert_eq!(data.len(), 10, "INFO_EXPORT payload is u64 size + u16 flags");
+    assert_eq!(
+        data.len(),
+        10,
+        "INFO_EXPORT payload is u64 size + u16 flags"
+    );
     (
         u64::from_be_bytes(data[..8].try_into().expect("8")),
         u16::from_be_bytes(data[8..10].try_into().expect("2")),
@@ -354,11 +383,22 @@ fn export_name_reply_is_134_bytes_or_10_with_no_zeroes() {
         r.option(OPT_EXPORT_NAME, server.export.as_bytes());
         assert_eq!(r.u64("export size"), file.len() as u64, "EXPORT_NAME size");
         let tflags = r.u16("transmission flags");
-        assert_eq!(tflags & TFLAG_HAS_FLAGS, TFLAG_HAS_FLAGS, "HAS_FLAGS must be set");
-        assert_eq!(tflags & TFLAG_READ_ONLY, 0, "writable export flagged read-only");
+        assert_eq!(
+            tflags & TFLAG_HAS_FLAGS,
+            TFLAG_HAS_FLAGS,
+            "HAS_FLAGS must be set"
+        );
+        assert_eq!(
+            tflags & TFLAG_READ_ONLY,
+            0,
+            "writable export flagged read-only"
+        );
         if zeroes > 0 {
             let pad = r.recv(zeroes, "124 zero bytes");
-            assert!(pad.iter().all(|&b| b == 0), "EXPORT_NAME padding must be zeros");
+            assert!(
+                pad.iter().all(|&b| b == 0),
+                "EXPORT_NAME padding must be zeros"
+            );
         }
         // The next bytes must be the reply to our first request: proves the
         // reply had exactly 134 (or 10) bytes.
@@ -388,22 +428,36 @@ fn unknown_option_gets_err_unsup_and_negotiation_goes_on() {
     let mut r = Raw::start(&server);
     r.option(999, &[0xaa; 300]);
     let (typ, _) = r.reply(999);
-    assert_eq!(typ, REP_ERR_UNSUP, "option 999 with data: expected ERR_UNSUP, got {typ:#x}");
+    assert_eq!(
+        typ, REP_ERR_UNSUP,
+        "option 999 with data: expected ERR_UNSUP, got {typ:#x}"
+    );
     // PEEK_EXPORT (4) is withdrawn: unknown too.
     r.option(4, &[]);
     assert_eq!(r.reply(4).0, REP_ERR_UNSUP, "withdrawn PEEK_EXPORT");
     // STARTTLS: an error reply (no TLS yet), and negotiation goes on.
     r.option(OPT_STARTTLS, &[]);
     let (typ, _) = r.reply(OPT_STARTTLS);
-    assert!(typ & 0x8000_0000 != 0, "STARTTLS must get an error reply, got {typ:#x}");
+    assert!(
+        typ & 0x8000_0000 != 0,
+        "STARTTLS must get an error reply, got {typ:#x}"
+    );
     // LIST still parses: one REP_SERVER with our name, then ACK.
     r.option(OPT_LIST, &[]);
     let (typ, data) = r.reply(OPT_LIST);
     assert_eq!(typ, REP_SERVER, "LIST: REP_SERVER first");
     let n = be32(&data) as usize;
-    assert_eq!(&data[4..4 + n], server.export.as_bytes(), "LIST: export name");
+    assert_eq!(
+        &data[4..4 + n],
+        server.export.as_bytes(),
+        "LIST: export name"
+    );
     if nbd::ours() {
-        assert_eq!(&data[4 + n..], b"raw test", "LIST: description (OUR_CONTRACT)");
+        assert_eq!(
+            &data[4 + n..],
+            b"raw test",
+            "LIST: description (OUR_CONTRACT)"
+        );
     }
     assert_eq!(r.reply(OPT_LIST).0, REP_ACK, "LIST ends with ACK");
     // INFO with NAME, DESCRIPTION and BLOCK_SIZE requested.
@@ -470,7 +524,10 @@ fn structured_replies_at_byte_level() {
     let server = nbd::serve_file(&img.path, &ServeOpts::default());
     let mut r = Raw::start(&server);
     // SET_META_CONTEXT before STRUCTURED_REPLY: ERR_INVALID.
-    r.option(OPT_SET_META_CONTEXT, &meta_payload(&server.export, &["base:allocation"]));
+    r.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(&server.export, &["base:allocation"]),
+    );
     assert_eq!(
         r.reply(OPT_SET_META_CONTEXT).0,
         REP_ERR_INVALID,
@@ -478,12 +535,19 @@ fn structured_replies_at_byte_level() {
     );
     r.option(OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(r.reply(OPT_STRUCTURED_REPLY).0, REP_ACK, "STRUCTURED_REPLY");
-    r.option(OPT_SET_META_CONTEXT, &meta_payload(&server.export, &["base:allocation"]));
+    r.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(&server.export, &["base:allocation"]),
+    );
     let (typ, data) = r.reply(OPT_SET_META_CONTEXT);
     assert_eq!(typ, REP_META_CONTEXT, "SET_META_CONTEXT: REP_META_CONTEXT");
     let ctx = be32(&data);
     assert_eq!(&data[4..], b"base:allocation", "context name");
-    assert_eq!(r.reply(OPT_SET_META_CONTEXT).0, REP_ACK, "SET_META_CONTEXT ends with ACK");
+    assert_eq!(
+        r.reply(OPT_SET_META_CONTEXT).0,
+        REP_ACK,
+        "SET_META_CONTEXT ends with ACK"
+    );
     r.go(&server.export);
 
     // READ of data: OFFSET_DATA chunk(s) then DONE.
@@ -518,7 +582,10 @@ fn structured_replies_at_byte_level() {
                 hole_bytes += u64::from(be32(&p[8..]));
             }
             REPLY_TYPE_OFFSET_DATA => {
-                assert!(p[8..].iter().all(|&b| b == 0), "data chunk in a hole not zero");
+                assert!(
+                    p[8..].iter().all(|&b| b == 0),
+                    "data chunk in a hole not zero"
+                );
             }
             REPLY_TYPE_NONE => {}
             other => panic!("unexpected chunk type {other} for a hole read"),
@@ -527,18 +594,26 @@ fn structured_replies_at_byte_level() {
             break;
         }
     }
-    assert_eq!(hole_bytes, 65536, "a read inside a hole must come back as OFFSET_HOLE");
+    assert_eq!(
+        hole_bytes, 65536,
+        "a read inside a hole must come back as OFFSET_HOLE"
+    );
 
     // BLOCK_STATUS: one BLOCK_STATUS chunk with our context id.
     r.request(0, CMD_BLOCK_STATUS, 13, 0, (3 * MIB) as u32, &[]);
     let (flags, typ, cookie, p) = r.chunk();
-    assert_eq!((typ, cookie), (REPLY_TYPE_BLOCK_STATUS, 13), "BLOCK_STATUS chunk");
-    assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "one context: DONE on its chunk");
+    assert_eq!(
+        (typ, cookie),
+        (REPLY_TYPE_BLOCK_STATUS, 13),
+        "BLOCK_STATUS chunk"
+    );
+    assert_eq!(
+        flags & REPLY_FLAG_DONE,
+        REPLY_FLAG_DONE,
+        "one context: DONE on its chunk"
+    );
     assert_eq!(be32(&p), ctx, "context id");
-    let ext: Vec<(u32, u32)> = p[4..]
-        .chunks(8)
-        .map(|e| (be32(e), be32(&e[4..])))
-        .collect();
+    let ext: Vec<(u32, u32)> = p[4..].chunks(8).map(|e| (be32(e), be32(&e[4..]))).collect();
     assert_eq!(
         &ext[..2],
         &[(MIB as u32, 0), (MIB as u32, 3)],
@@ -549,9 +624,16 @@ fn structured_replies_at_byte_level() {
     r.request(0, CMD_READ, 14, file.len() as u64, 512, &[]);
     let (flags, typ, cookie, p) = r.chunk();
     assert_eq!(cookie, 14, "error chunk cookie");
-    assert!(typ & 0x8000 != 0, "out-of-range read: expected an error chunk, got type {typ}");
+    assert!(
+        typ & 0x8000 != 0,
+        "out-of-range read: expected an error chunk, got type {typ}"
+    );
     assert_eq!(be32(&p), EINVAL, "out-of-range read errno");
-    assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "error chunk is the last");
+    assert_eq!(
+        flags & REPLY_FLAG_DONE,
+        REPLY_FLAG_DONE,
+        "error chunk is the last"
+    );
     server.stop();
 }
 
@@ -565,23 +647,44 @@ fn extended_headers_at_byte_level() {
     let server = nbd::serve_file(&img.path, &ServeOpts::default());
     let mut r = Raw::start(&server);
     r.option(OPT_EXTENDED_HEADERS, &[]);
-    assert_eq!(r.reply(OPT_EXTENDED_HEADERS).0, REP_ACK, "EXTENDED_HEADERS: ACK");
+    assert_eq!(
+        r.reply(OPT_EXTENDED_HEADERS).0,
+        REP_ACK,
+        "EXTENDED_HEADERS: ACK"
+    );
     r.option(OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(
         r.reply(OPT_STRUCTURED_REPLY).0,
         REP_ERR_EXT_HEADER_REQD,
         "STRUCTURED_REPLY after EXTENDED_HEADERS"
     );
-    r.option(OPT_SET_META_CONTEXT, &meta_payload(&server.export, &["base:allocation"]));
+    r.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(&server.export, &["base:allocation"]),
+    );
     let (typ, data) = r.reply(OPT_SET_META_CONTEXT);
-    assert_eq!(typ, REP_META_CONTEXT, "SET_META_CONTEXT with extended headers");
+    assert_eq!(
+        typ, REP_META_CONTEXT,
+        "SET_META_CONTEXT with extended headers"
+    );
     let ctx = be32(&data);
-    assert_eq!(r.reply(OPT_SET_META_CONTEXT).0, REP_ACK, "SET_META_CONTEXT ACK");
+    assert_eq!(
+        r.reply(OPT_SET_META_CONTEXT).0,
+        REP_ACK,
+        "SET_META_CONTEXT ACK"
+    );
     r.go(&server.export);
 
     // WRITE with PAYLOAD_LEN: one extended NONE chunk, DONE, offset echoed.
     let payload = support::pattern(5, 5000);
-    r.ext_request(CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA, CMD_WRITE, 21, 3 * MIB + 1, 5000, &payload);
+    r.ext_request(
+        CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA,
+        CMD_WRITE,
+        21,
+        3 * MIB + 1,
+        5000,
+        &payload,
+    );
     let (flags, typ, cookie, offset, p) = r.ext_chunk();
     assert_eq!(
         (flags, typ, cookie, offset, p.len()),
@@ -595,7 +698,11 @@ fn extended_headers_at_byte_level() {
     loop {
         let (flags, typ, cookie, offset, p) = r.ext_chunk();
         assert_eq!(cookie, 22, "chunk cookie");
-        assert_eq!(offset, 3 * MIB + 1, "extended chunk header offset = request offset");
+        assert_eq!(
+            offset,
+            3 * MIB + 1,
+            "extended chunk header offset = request offset"
+        );
         match typ {
             REPLY_TYPE_OFFSET_DATA => {
                 let at = (be64(&p) - (3 * MIB + 1)) as usize;
@@ -608,7 +715,10 @@ fn extended_headers_at_byte_level() {
             break;
         }
     }
-    assert!(got == payload, "extended READ returned other bytes than written");
+    assert!(
+        got == payload,
+        "extended READ returned other bytes than written"
+    );
 
     // BLOCK_STATUS: BLOCK_STATUS_EXT with 64-bit descriptors.
     r.ext_request(0, CMD_BLOCK_STATUS, 23, 0, 3 * MIB, &[]);
@@ -621,7 +731,11 @@ fn extended_headers_at_byte_level() {
     assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "DONE");
     assert_eq!(be32(&p), ctx, "context id");
     let count = be32(&p[4..]) as usize;
-    assert_eq!(p.len(), 8 + 16 * count, "descriptor count matches the payload");
+    assert_eq!(
+        p.len(),
+        8 + 16 * count,
+        "descriptor count matches the payload"
+    );
     let ext: Vec<(u64, u64)> = p[8..]
         .chunks(16)
         .map(|e| (be64(e), be64(&e[8..])))
@@ -638,8 +752,19 @@ fn extended_headers_at_byte_level() {
     assert_eq!(cookie, 24, "error cookie");
     assert!(typ & 0x8000 != 0, "expected an error chunk, got type {typ}");
     assert_eq!(be32(&p), EINVAL, "read past the end: errno");
-    assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE, "DONE on the error");
-    r.ext_request(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 25, file.len() as u64 - 10, 20, &[7u8; 20]);
+    assert_eq!(
+        flags & REPLY_FLAG_DONE,
+        REPLY_FLAG_DONE,
+        "DONE on the error"
+    );
+    r.ext_request(
+        CMD_FLAG_PAYLOAD_LEN,
+        CMD_WRITE,
+        25,
+        file.len() as u64 - 10,
+        20,
+        &[7u8; 20],
+    );
     let (_, typ, cookie, _, p) = r.ext_chunk();
     assert_eq!(cookie, 25, "error cookie");
     assert!(typ & 0x8000 != 0, "expected an error chunk, got type {typ}");
@@ -658,7 +783,10 @@ fn extended_headers_at_byte_level() {
     assert!(r.closed(), "server must close after DISC");
     server.stop();
     let after = std::fs::read(&img.path).expect("read image");
-    assert!(after[3 * MIB as usize + 1..][..5000] == payload[..], "file has the extended write");
+    assert!(
+        after[3 * MIB as usize + 1..][..5000] == payload[..],
+        "file has the extended write"
+    );
 }
 
 #[test]
@@ -684,9 +812,15 @@ fn rejected_writes_consume_their_payload() {
     let (err, cookie) = r.simple_reply();
     assert_eq!(cookie, 31, "cookie of the rejected write");
     if nbd::ours() {
-        assert_eq!(err, EPERM, "write on a read-only export (OUR_CONTRACT: EPERM)");
+        assert_eq!(
+            err, EPERM,
+            "write on a read-only export (OUR_CONTRACT: EPERM)"
+        );
     } else {
-        assert!(err == EPERM || err == EINVAL, "write on read-only: errno {err}");
+        assert!(
+            err == EPERM || err == EINVAL,
+            "write on read-only: errno {err}"
+        );
     }
     check_good(&mut r, &file, 32);
     drop(r);
@@ -701,17 +835,27 @@ fn rejected_writes_consume_their_payload() {
     if nbd::ours() {
         assert_eq!(err, ENOSPC, "write past the end (OUR_CONTRACT: ENOSPC)");
     } else {
-        assert!(err == ENOSPC || err == EINVAL, "write past the end: errno {err}");
+        assert!(
+            err == ENOSPC || err == EINVAL,
+            "write past the end: errno {err}"
+        );
     }
     // Unknown command 42: EINVAL, connection goes on.
     r.request(0, 42, 34, 0, 512, &[]);
     assert_eq!(r.simple_reply(), (EINVAL, 34), "unknown command");
     // BLOCK_STATUS without a meta context: EINVAL.
     r.request(0, CMD_BLOCK_STATUS, 35, 0, 512, &[]);
-    assert_eq!(r.simple_reply(), (EINVAL, 35), "BLOCK_STATUS without a context");
+    assert_eq!(
+        r.simple_reply(),
+        (EINVAL, 35),
+        "BLOCK_STATUS without a context"
+    );
     check_good(&mut r, &file, 36);
     server.stop();
-    assert!(std::fs::read(&img.path).expect("read") == file, "rejected writes changed the file");
+    assert!(
+        std::fs::read(&img.path).expect("read") == file,
+        "rejected writes changed the file"
+    );
 }
 
 /// Start a good connection, run `bad` on a fresh connection and assert the

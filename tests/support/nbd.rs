@@ -6,7 +6,7 @@
 //! good server; assertions where our contract is stricter than qemu-nbd are
 //! guarded by [`ours`] (see `OUR_CONTRACT` notes in the tests).
 
-use super::{Proc, bin, run_ok, wait_until};
+use super::{Proc, bin, wait_until};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -178,7 +178,10 @@ impl Server {
     pub fn stop(mut self) {
         self.proc.signal(15);
         let status = self.proc.wait_exit(Duration::from_secs(30));
-        assert!(status.success(), "server did not exit 0 on SIGTERM: {status}");
+        assert!(
+            status.success(),
+            "server did not exit 0 on SIGTERM: {status}"
+        );
     }
 }
 
@@ -242,7 +245,14 @@ pub fn serve_file(path: &Path, opts: &ServeOpts) -> Server {
         }
         ServerKind::QemuNbd => {
             let mut cmd = Command::new("qemu-nbd");
-            cmd.args(["--persistent", "--shared=0", "-f", "raw", "--discard=unmap"]);
+            cmd.args(["--persistent", "-f", "raw"]);
+            // Sharing and discard settings; NBDBRIDGE_TEST_QEMU_NBD_ARGS
+            // replaces them, to check that tests fail against a server that
+            // behaves wrongly (e.g. `--shared=1`, `--discard=ignore`).
+            match std::env::var("NBDBRIDGE_TEST_QEMU_NBD_ARGS") {
+                Ok(args) => cmd.args(args.split_whitespace()),
+                Err(_) => cmd.args(["--shared=0", "--discard=unmap"]),
+            };
             cmd.arg("-x").arg(&opts.export_name);
             if opts.read_only {
                 cmd.arg("--read-only");
@@ -266,8 +276,14 @@ pub fn serve_file(path: &Path, opts: &ServeOpts) -> Server {
             };
             let end = std::time::Instant::now() + super::START_DEADLINE;
             while !ready() {
-                assert!(std::time::Instant::now() < end, "qemu-nbd did not listen in time");
-                assert!(!exited(proc.pid()), "qemu-nbd exited early (see its stderr)");
+                assert!(
+                    std::time::Instant::now() < end,
+                    "qemu-nbd did not listen in time"
+                );
+                assert!(
+                    !exited(proc.pid()),
+                    "qemu-nbd exited early (see its stderr)"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             let mut server = Server {
@@ -407,7 +423,72 @@ pub fn run_python(name: &str, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(super::SYSTEM_PYTHON);
     cmd.arg(&script).args(args);
     cmd.env("NBDBRIDGE_TEST_OURS", if ours() { "1" } else { "0" });
-    run_ok(&mut cmd)
+    run_client(&mut cmd)
+}
+
+/// How long one client command may run before the test fails (a server
+/// that stops answering must fail the test, not hang it).
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Run a client command to completion within [`CLIENT_DEADLINE`]; its
+/// output, whatever the exit status. On timeout the client is killed and
+/// the test fails showing what it printed.
+pub fn run_client_any(cmd: &mut Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let end = std::time::Instant::now() + CLIENT_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = t_out.join().unwrap_or_default();
+            let stderr = t_err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not finish within {CLIENT_DEADLINE:?} (server hung?)\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// [`run_client_any`], asserting exit 0 (the failure shows both outputs).
+pub fn run_client(cmd: &mut Command) -> std::process::Output {
+    let out = run_client_any(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Wait until `n` bytes can be read, or EOF / timeout; true when the peer
