@@ -123,13 +123,13 @@ fn round_trip_nbd_to_nbd_and_read_to_null() {
     let b = nbd::serve_file(&dst.path, &ServeOpts::default());
     nbdcopy(&a.uri, &b.uri);
     // Read everything back out of both (to null:), as the bench does.
-    nbd::run_client(&mut Command::new("nbdcopy").args([
+    nbd::run_client(Command::new("nbdcopy").args([
         "--connections=4",
         "--threads=4",
         &a.uri,
         "null:",
     ]));
-    nbd::run_client(&mut Command::new("nbdcopy").args([
+    nbd::run_client(Command::new("nbdcopy").args([
         "--connections=4",
         "--threads=4",
         &b.uri,

@@ -14,13 +14,13 @@ fn ready() -> bool {
 }
 
 fn nbdinfo(args: &[&str]) -> String {
-    let out = nbd::run_client(&mut Command::new("nbdinfo").args(args));
+    let out = nbd::run_client(Command::new("nbdinfo").args(args));
     String::from_utf8(out.stdout).expect("utf-8 nbdinfo output")
 }
 
 /// `nbdinfo --can WHAT` / `--is WHAT`: exit 0 = true, 2 = false.
 fn can(flag: &str, what: &str, uri: &str) -> bool {
-    let out = nbd::run_client_any(&mut Command::new("nbdinfo").args([flag, what, uri]));
+    let out = nbd::run_client_any(Command::new("nbdinfo").args([flag, what, uri]));
     match out.status.code() {
         Some(0) => true,
         Some(2) => false,
@@ -203,7 +203,7 @@ fn list_names_the_export() {
     assert_eq!(exports[0]["description"], "the only one", "{text}");
     assert_eq!(exports[0]["export-size"], MIB, "{text}");
     // An unknown export name is refused.
-    let out = nbd::run_client_any(&mut Command::new("nbdinfo").arg(server.uri_for("nope")));
+    let out = nbd::run_client_any(Command::new("nbdinfo").arg(server.uri_for("nope")));
     assert!(
         !out.status.success(),
         "nbdinfo on an unknown export succeeded"

@@ -109,7 +109,7 @@ fn sparse_qcow2_source_converts_and_compares() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let qcow = dir.path().join("src.qcow2");
-    nbd::run_client(&mut Command::new("qemu-img").args([
+    nbd::run_client(Command::new("qemu-img").args([
         "create",
         "-q",
         "-f",
@@ -117,7 +117,7 @@ fn sparse_qcow2_source_converts_and_compares() {
         s(&qcow),
         "32M",
     ]));
-    nbd::run_client(&mut Command::new("qemu-io").args([
+    nbd::run_client(Command::new("qemu-io").args([
         "-f",
         "qcow2",
         "-c",
@@ -152,14 +152,14 @@ fn sparse_qcow2_source_converts_and_compares() {
         &["compare", "-f", "qcow2", "-F", "raw", s(&qcow), &server.uri],
     );
     // Change one byte through NBD; compare must now see the difference.
-    nbd::run_client(&mut Command::new("qemu-io").args([
+    nbd::run_client(Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",
         "write -P 0x77 5M 1",
         &server.uri,
     ]));
-    let out = nbd::run_client_any(&mut Command::new("qemu-img").args([
+    let out = nbd::run_client_any(Command::new("qemu-img").args([
         "compare",
         "-f",
         "qcow2",
@@ -183,7 +183,7 @@ fn sparse_qcow2_source_converts_and_compares() {
     server.stop();
     // And the file itself holds the qcow2's content plus that byte.
     let raw = dir.path().join("expected.raw");
-    nbd::run_client(&mut Command::new("qemu-img").args([
+    nbd::run_client(Command::new("qemu-img").args([
         "convert",
         "-f",
         "qcow2",
@@ -263,7 +263,7 @@ fn qemu_io_odd_ranges_over_extended_headers() {
         "qemu-io reported a failure:\n{text}"
     );
     // A read of 0x5a where zeros are must fail: proves -P checks.
-    let bad = nbd::run_client_any(&mut Command::new("qemu-io").args([
+    let bad = nbd::run_client_any(Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",
@@ -303,7 +303,7 @@ fn qemu_io_reads_past_the_end_fail() {
     let server = nbd::serve_file(&img.path, &ServeOpts::default());
     // qemu's block layer refuses requests past the size itself, so this
     // checks the size the server advertised over extended headers.
-    let out = nbd::run_client_any(&mut Command::new("qemu-io").args([
+    let out = nbd::run_client_any(Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",
