@@ -1010,3 +1010,49 @@ fn garbage_and_half_requests_never_disturb_others() {
     check_good(&mut after, &file, 5);
     server.stop();
 }
+
+#[test]
+fn sigterm_with_a_connected_client_exits_zero_and_keeps_the_data() {
+    if !ready() {
+        return;
+    }
+    let img = image();
+    let server = nbd::serve_file(&img.path, &ServeOpts::default());
+    let mut r = Raw::start(&server);
+    r.go(&server.export);
+    let data = support::pattern(77, 65536);
+    r.request(CMD_FLAG_FUA, CMD_WRITE, 1, 12345, 65536, &data);
+    assert_eq!(r.simple_reply(), (0, 1), "FUA write reply");
+    // Pipeline writes without waiting, then FLUSH: all of them are done by
+    // the flush reply, and a SIGTERM after that must not lose them.
+    for i in 0..16u64 {
+        r.request(0, CMD_WRITE, 10 + i, 2 * MIB + i * 65536, 65536, &data);
+    }
+    r.request(0, CMD_FLUSH, 99, 0, 0, &[]);
+    let mut cookies: Vec<u64> = (0..17)
+        .map(|_| r.simple_reply())
+        .map(|(e, c)| {
+            assert_eq!(e, 0, "reply to cookie {c}: error {e}");
+            c
+        })
+        .collect();
+    cookies.sort_unstable();
+    let mut want: Vec<u64> = (10..26).collect();
+    want.push(99);
+    assert_eq!(cookies, want, "one reply per pipelined request");
+    // The client stays connected, idle; SIGTERM must still end the server
+    // with exit 0, and the client sees the connection end.
+    let pid = server.proc.pid();
+    server.stop();
+    assert!(nbd::exited(pid), "server still running after stop");
+    assert!(
+        r.closed(),
+        "client connection not closed after the server exited"
+    );
+    let file = std::fs::read(&img.path).expect("read image");
+    assert!(file[12345..12345 + 65536] == data[..], "FUA write lost");
+    for i in 0..16usize {
+        let at = 2 * MIB as usize + i * 65536;
+        assert!(file[at..at + 65536] == data[..], "pipelined write {i} lost");
+    }
+}
