@@ -529,6 +529,7 @@ fn unknown_option_gets_err_unsup_and_negotiation_goes_on() {
     // GO still works and so does I/O.
     r.go(&server.export);
     check_good(&mut r, &file, 3);
+    drop(r);
     server.stop();
 }
 
@@ -546,6 +547,7 @@ fn abort_is_acknowledged_and_closes() {
     let (typ, _) = r.reply(OPT_ABORT);
     assert_eq!(typ, REP_ACK, "ABORT: ACK");
     assert!(r.closed(), "server must close after ABORT");
+    drop(r);
     server.stop();
 }
 
@@ -682,6 +684,7 @@ fn structured_replies_at_byte_level() {
         [EINVAL],
         "out-of-range read: errno of the error chunk(s)"
     );
+    drop(r);
     server.stop();
 }
 
@@ -818,6 +821,7 @@ fn extended_headers_at_byte_level() {
     );
     r.ext_request(0, CMD_DISC, 27, 0, 0, &[]);
     assert!(r.closed(), "server must close after DISC");
+    drop(r);
     server.stop();
     let after = std::fs::read(&img.path).expect("read image");
     assert!(
@@ -888,6 +892,7 @@ fn rejected_writes_consume_their_payload() {
         "BLOCK_STATUS without a context"
     );
     check_good(&mut r, &file, 36);
+    drop(r);
     server.stop();
     assert!(
         std::fs::read(&img.path).expect("read") == file,
@@ -913,6 +918,7 @@ fn bad_connection_is_isolated(what: &str, bad: impl FnOnce(&Server, &mut Raw)) {
     let mut after = good_conn(&server, &file);
     check_good(&mut after, &file, 3);
     assert!(!nbd::exited(server.proc.pid()), "{what}: the server exited");
+    drop((before, r, after));
     server.stop();
 }
 
@@ -1008,6 +1014,7 @@ fn garbage_and_half_requests_never_disturb_others() {
     }
     let mut after = good_conn(&server, &file);
     check_good(&mut after, &file, 5);
+    drop((good, after));
     server.stop();
 }
 
