@@ -33,7 +33,7 @@ if [ "$STANDIN" != qemu-nbd ]; then
     echo "building release binary..." >&2
     cargo build --release --quiet --bin nbdbridge || die "cargo build --release"
 fi
-BIN=target/release/nbdbridge
+BIN=${CARGO_TARGET_DIR:-target}/release/nbdbridge
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbd-bench.XXXXXX")
 PIDS=()
