@@ -127,7 +127,11 @@ fn upload_probe_finalize_then_download_compares() {
     );
 
     let down = tempfile::tempdir().unwrap();
-    let mut bridge = serve(&setup, down.path(), &["--disk", &disk, "--direction", "download"]);
+    let mut bridge = serve(
+        &setup,
+        down.path(),
+        &["--disk", &disk, "--direction", "download"],
+    );
     let uri = bridge.first_line.clone();
     let out = run_ok(
         Command::new("qemu-img")

@@ -215,3 +215,4 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 pub mod engine;
 pub mod imageio;
+pub mod nbd;
