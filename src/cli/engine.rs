@@ -78,9 +78,10 @@ pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
     for h in engine.hosts() {
         tracing::info!(host = %h.name, id = %h.id, data = %h.data_url, "host registered");
     }
+    let mut signals = shutdown::Signals::install()?;
     super::announce(engine.url())?;
     let serving = tokio::spawn(engine.serve());
-    let sig = shutdown::signal().await?;
+    let sig = signals.recv().await;
     tracing::info!(signal = sig, "stopping");
     stop.trigger();
     let _ = serving.await;

@@ -25,15 +25,10 @@ pub async fn run(args: ImageioArgs) -> Result<ExitCode, CliError> {
     config.local_socket = args.local_socket;
     // Handlers are installed before the URL is printed, so a signal sent
     // right after the contract line still stops the server in order.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
+    let mut signals = nbdbridge::shutdown::Signals::install()?;
     let server = DataServer::start(config).await?;
     super::announce(server.url())?;
-    let name = tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    };
+    let name = signals.recv().await;
     tracing::info!(signal = name, "stopping");
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)

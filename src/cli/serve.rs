@@ -207,10 +207,11 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
     let server = Arc::new(Server::new(Exports::single(export), shutdown.clone()));
     let uri = listener.uri(&args.export_name);
     tracing::info!(%uri, "serving");
+    let mut signals = shutdown::Signals::install()?;
     let serving = tokio::spawn(Arc::clone(&server).serve(listener));
     announce(&uri)?;
 
-    let signal = shutdown::signal().await?;
+    let signal = signals.recv().await;
     tracing::info!(signal, "stopping: finishing in-flight requests");
     shutdown.trigger();
     serving.await?;

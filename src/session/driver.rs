@@ -107,6 +107,8 @@ pub async fn run(
     let server = Arc::new(
         Server::new(Exports::single(export), stop.clone()).with_observer(Arc::new(Watcher { tx })),
     );
+    let mut signals =
+        shutdown::Signals::install().map_err(|e| Error::Config(format!("signals: {e}")))?;
     let uri = options.listener.uri(&options.export_name);
     let mut serving = Some(tokio::spawn(Arc::clone(&server).serve(options.listener)));
     announce(&uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
@@ -131,8 +133,6 @@ pub async fn run(
     let mut last_io = (0u64, 0u64);
     let mut last_activity = Instant::now();
     let mut poll = tokio::time::interval(POLL.min(keepalive_every));
-    let signal = shutdown::signal();
-    tokio::pin!(signal);
 
     let outcome = loop {
         tokio::select! {
@@ -188,8 +188,7 @@ pub async fn run(
                 }
                 None => return Err(Error::Config("the NBD server stopped".into())),
             },
-            sig = &mut signal => {
-                let sig = sig.map_err(|e| Error::Config(format!("signals: {e}")))?;
+            sig = signals.recv() => {
                 tracing::info!(signal = sig, "interrupted");
                 let how = match (direction, options.on_interrupt) {
                     (Direction::Download, _) => FinishHow::Finalize,
