@@ -144,7 +144,10 @@ fn http_surface_and_system_phases() {
     assert_eq!(status, 405);
 
     // A transfer on a host whose data server is down: paused_system.
-    let add = format!("<image_transfer>\n  <disk id=\"{disk_id}\"/>\n</image_transfer>\n");
+    // (The embedded data server is the default host: name the down one.)
+    let add = format!(
+        "<image_transfer>\n  <disk id=\"{disk_id}\"/>\n  <host><name>down</name></host>\n</image_transfer>\n"
+    );
     let (status, _, body) = http(
         &url,
         "POST",
@@ -219,17 +222,61 @@ fn http_surface_and_system_phases() {
 }
 
 #[test]
-fn no_host_is_a_clear_error() {
+fn without_hosts_the_embedded_data_server_is_the_host() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["engine", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--host NAME=CONTROL_SOCKET,DATA_URL"), "{err}");
-    assert!(out.stdout.is_empty());
+    let engine = Engine::start(tmp.path(), &[], &[]);
+    let password = std::fs::read_to_string(&engine.password_file).unwrap();
+    let (status, _, body) = login(&engine.url, password.trim());
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = v["access_token"].as_str().unwrap();
+    let (status, _, hosts) = http(
+        &engine.url,
+        "GET",
+        "/ovirt-engine/api/hosts",
+        Some(token),
+        XML,
+        b"",
+    );
+    assert_eq!(status, 200, "{hosts}");
+    assert_eq!(element(&hosts, "name"), Some("embedded"), "{hosts}");
+    // A transfer with no host named goes to the embedded data server and
+    // becomes transferring with a transfer_url on it.
+    let (status, _, disk) = http(
+        &engine.url,
+        "POST",
+        "/ovirt-engine/api/disks",
+        Some(token),
+        XML,
+        b"<disk><alias>d</alias><format>raw</format><provisioned_size>1048576</provisioned_size></disk>",
+    );
+    assert!((200..300).contains(&status), "{disk}");
+    let disk_id = first_id(&disk).unwrap().to_string();
+    wait_until("disk ok", Duration::from_secs(30), || {
+        let (_, _, d) = http(
+            &engine.url,
+            "GET",
+            &format!("/ovirt-engine/api/disks/{disk_id}"),
+            Some(token),
+            XML,
+            b"",
+        );
+        element(&d, "status") == Some("ok")
+    });
+    let body = format!("<image_transfer><disk id=\"{disk_id}\"/></image_transfer>");
+    let (status, _, t) = http(
+        &engine.url,
+        "POST",
+        "/ovirt-engine/api/imagetransfers",
+        Some(token),
+        XML,
+        body.as_bytes(),
+    );
+    assert_eq!(status, 201, "{t}");
+    let id = first_id(&t).unwrap().to_string();
+    wait_until("transferring", Duration::from_secs(30), || {
+        phase_of(&engine.url, token, &id) == "transferring"
+    });
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `nbdbridge engine`: the engine-compatible control plane (issue 4).
 
 use super::CliError;
-use nbdbridge::engine::{Engine, EngineConfig, HostSpec, Timing, TlsFiles};
+use nbdbridge::engine::{Engine, EngineConfig, HostSpec, Timing, TlsFiles, embedded};
 use nbdbridge::shutdown::{self, Shutdown};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,21 +41,20 @@ pub struct EngineArgs {
 
 /// Run the engine until SIGINT / SIGTERM.
 pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
-    // SEAM (embedded data server): once `nbdbridge imageio` exists in this
-    // crate, start it in-process here and push it as the default host
-    // (name "embedded") in front of the --host list.
-    if args.hosts.is_empty() {
-        return Err(
-            "no data server host: pass --host NAME=CONTROL_SOCKET,DATA_URL \
-                    (the embedded data server is not wired in yet)"
-                .into(),
-        );
-    }
+    // The embedded data server is always a host. The engine picks the first
+    // host when a transfer names none: the embedded one when no --host is
+    // given, else the first --host (a real daemon, which also serves the
+    // qemu-nbd backed transfers the embedded server cannot).
+    let data_server = embedded::start_data_server(&args.data_dir)
+        .await
+        .map_err(|e| format!("cannot start the embedded data server: {e}"))?;
+    let mut hosts = args.hosts;
+    hosts.push(embedded::host_spec(&data_server));
     let config = EngineConfig {
         data_dir: args.data_dir,
         listen: args.listen,
         password_file: args.password_file.clone(),
-        hosts: args.hosts,
+        hosts,
         timing: Timing {
             ticket_timeout: args.ticket_timeout,
             inactivity_timeout: args.inactivity_timeout,
@@ -85,5 +84,6 @@ pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
     tracing::info!(signal = sig, "stopping");
     stop.trigger();
     let _ = serving.await;
+    data_server.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ use super::{CliError, announce};
 use nbdbridge::Backend;
 use nbdbridge::backend::file::FileBackend;
 use nbdbridge::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
+use nbdbridge::engine::{self, Engine, embedded};
 use nbdbridge::nbd::{Export, Exports, Listener, Server};
 use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt};
 use nbdbridge::session::{Direction, EngineClient, EngineConfig, Target};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 /// Options of `nbdbridge serve`.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["file", "imageio_url", "engine_url"])))]
+#[command(group(clap::ArgGroup::new("source").args(["file", "imageio_url", "engine_url"])))]
 pub struct ServeArgs {
     /// Serve this local raw image file.
     #[arg(long)]
@@ -34,7 +35,8 @@ pub struct ServeArgs {
     /// File holding the engine password.
     #[arg(long)]
     password_file: Option<PathBuf>,
-    /// Disk id to transfer (with `--engine-url`).
+    /// The disk to transfer: its id with `--engine-url`; without it, the
+    /// name (or id) of a disk of the embedded engine, created when missing.
     #[arg(long, conflicts_with = "transfer")]
     disk: Option<String>,
     /// Host id to run the transfer on (default: the engine picks).
@@ -49,9 +51,17 @@ pub struct ServeArgs {
     /// What SIGINT / SIGTERM does to an upload.
     #[arg(long, value_enum, default_value = "pause")]
     on_interrupt: InterruptArg,
-    /// Image size in bytes for `--imageio-url` (default: from the extents).
-    #[arg(long)]
+    /// Size (bytes, or with K/M/G/T suffix) of a disk the embedded engine
+    /// creates; for `--imageio-url`, the image size (default: from the
+    /// extents).
+    #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// Format of a disk the embedded engine creates.
+    #[arg(long, value_enum, default_value = "raw")]
+    format: FormatArg,
+    /// Where the embedded engine keeps its database and disk images.
+    #[arg(long, default_value = "nbdbridge-data")]
+    data_dir: PathBuf,
     /// The ticket zeroes by punching holes (enables TRIM).
     #[arg(long)]
     sparse: bool,
@@ -85,6 +95,34 @@ enum DirectionArg {
     Download,
 }
 
+/// Disk format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Raw,
+    Cow,
+}
+
+/// `1073741824`, `512M`, `1G`, `1GiB`, `2T`: binary multiples.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = t.get(digits.len()..).unwrap_or("").to_ascii_uppercase();
+    let shift = match unit.as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("unknown size unit in '{s}'")),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
 /// What an interrupt does to an upload.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum InterruptArg {
@@ -96,6 +134,9 @@ enum InterruptArg {
 pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     if let Some(url) = &args.engine_url {
         return serve_transfer(&args, url).await;
+    }
+    if let Some(disk) = &args.disk {
+        return serve_embedded(&args, disk).await;
     }
     if let Some(path) = &args.file {
         let backend = FileBackend::open(path, args.read_only)
@@ -123,7 +164,126 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
         tracing::info!(url = %redact_url(url), size = backend.size(), "imageio ticket");
         return serve(&args, Arc::new(backend)).await;
     }
-    Err("give --file or --imageio-url".into())
+    Err("give --disk NAME (the embedded default), --file, --imageio-url or --engine-url".into())
+}
+
+/// The embedded default: engine and data server in this process over
+/// `--data-dir`, the disk created when missing, then the transfer served.
+async fn serve_embedded(args: &ServeArgs, name: &str) -> Result<ExitCode, CliError> {
+    let data_server = embedded::start_data_server(&args.data_dir)
+        .await
+        .map_err(|e| format!("cannot start the embedded data server: {e}"))?;
+    let stop = Shutdown::new();
+    let engine = Engine::start(
+        engine::EngineConfig {
+            data_dir: args.data_dir.clone(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            password_file: None,
+            hosts: vec![embedded::host_spec(&data_server)],
+            timing: engine::Timing::default(),
+            tls: None,
+        },
+        stop.clone(),
+    )
+    .await
+    .map_err(|e| format!("cannot start the embedded engine: {e}"))?;
+    let password = std::fs::read_to_string(engine.password_path())?;
+    let url = engine.url().to_string();
+    let engine_task = tokio::spawn(engine.serve());
+    let result = async {
+        let client = Arc::new(
+            EngineClient::connect(EngineConfig {
+                url,
+                username: engine::USER.to_string(),
+                password: password.trim_end_matches(['\n', '\r']).to_string(),
+                tls: TlsOptions::default(),
+            })
+            .await?,
+        );
+        let disk = embedded_disk(&client, name, args).await?;
+        let target = Target::Disk {
+            disk_id: disk,
+            host_id: None,
+            direction: direction(args),
+        };
+        let options = driver_options(args, TlsOptions::default()).await?;
+        let outcome = driver::run(Arc::clone(&client), target, options, |uri| {
+            announce(uri).map_err(std::io::Error::other)
+        })
+        .await;
+        client.logout().await;
+        Ok::<_, CliError>(outcome?)
+    }
+    .await;
+    stop.trigger();
+    let _ = engine_task.await;
+    data_server.shutdown().await;
+    report(result?)
+}
+
+/// The id of the embedded disk called (or identified by) `name`, created
+/// with `--size` and `--format` when missing, once it is `ok`.
+async fn embedded_disk(
+    client: &EngineClient,
+    name: &str,
+    args: &ServeArgs,
+) -> Result<String, CliError> {
+    if let Some(d) = client.find_disk(name).await? {
+        tracing::info!(disk = %d.id, name, status = ?d.status, "disk");
+        return Ok(d.id);
+    }
+    let size = args.size.ok_or_else(|| {
+        format!(
+            "there is no disk '{name}' in {}; give --size to create it",
+            args.data_dir.display()
+        )
+    })?;
+    let format = match args.format {
+        FormatArg::Raw => "raw",
+        FormatArg::Cow => "cow",
+    };
+    let d = client.add_disk(name, size, format, None).await?;
+    tracing::info!(disk = %d.id, name, size, format, "disk created");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let now = client.disk(&d.id).await?;
+        if now.status.as_deref() == Some("ok") {
+            return Ok(d.id);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("disk '{name}' is still {:?}", now.status).into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn direction(args: &ServeArgs) -> Direction {
+    match args.direction {
+        DirectionArg::Upload => Direction::Upload,
+        DirectionArg::Download => Direction::Download,
+    }
+}
+
+async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptions, CliError> {
+    Ok(DriverOptions {
+        listener: listen(args).await?,
+        export_name: args.export_name.clone(),
+        tls,
+        on_interrupt: match args.on_interrupt {
+            InterruptArg::Pause => OnInterrupt::Pause,
+            InterruptArg::Cancel => OnInterrupt::Cancel,
+        },
+    })
+}
+
+fn report(outcome: driver::Outcome) -> Result<ExitCode, CliError> {
+    if outcome.success {
+        tracing::info!(phase = %outcome.phase, "{}", outcome.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("nbdbridge: {}", outcome.message);
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 async fn serve_transfer(args: &ServeArgs, url: &str) -> Result<ExitCode, CliError> {
@@ -148,37 +308,19 @@ async fn serve_transfer(args: &ServeArgs, url: &str) -> Result<ExitCode, CliErro
         (Some(disk), _) => Target::Disk {
             disk_id: disk.clone(),
             host_id: args.host.clone(),
-            direction: match args.direction {
-                DirectionArg::Upload => Direction::Upload,
-                DirectionArg::Download => Direction::Download,
-            },
+            direction: direction(args),
         },
         (None, Some(id)) => Target::Transfer(id.clone()),
         (None, None) => return Err("--engine-url needs --disk or --transfer".into()),
     };
-    let options = DriverOptions {
-        listener: listen(args).await?,
-        export_name: args.export_name.clone(),
-        tls,
-        on_interrupt: match args.on_interrupt {
-            InterruptArg::Pause => OnInterrupt::Pause,
-            InterruptArg::Cancel => OnInterrupt::Cancel,
-        },
-    };
+    let options = driver_options(args, tls).await?;
     let client = Arc::new(client);
     let result = driver::run(Arc::clone(&client), target, options, |uri| {
         announce(uri).map_err(std::io::Error::other)
     })
     .await;
     client.logout().await;
-    let outcome = result?;
-    if outcome.success {
-        tracing::info!(phase = %outcome.phase, "{}", outcome.message);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("nbdbridge: {}", outcome.message);
-        Ok(ExitCode::FAILURE)
-    }
+    report(result?)
 }
 
 async fn listen(args: &ServeArgs) -> Result<Listener, CliError> {
@@ -225,5 +367,21 @@ fn redact_url(url: &str) -> String {
     match url.rsplit_once('/') {
         Some((base, ticket)) => format!("{base}/{}", nbdbridge::telemetry::redact(ticket)),
         None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -23,6 +23,7 @@
 mod api;
 mod db;
 mod disk;
+pub mod embedded;
 mod error;
 mod host;
 mod model;
