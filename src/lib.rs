@@ -21,6 +21,7 @@ pub mod bufpool;
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
+pub mod ovirt;
 pub mod session;
 pub mod shutdown;
 pub mod store;

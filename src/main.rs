@@ -22,13 +22,10 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
         Err(e) => {
-            let mut msg = format!("nbdbridge: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!(
+                "nbdbridge: {}",
+                nbdbridge::telemetry::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

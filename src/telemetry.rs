@@ -22,3 +22,27 @@ pub fn redact(secret: &str) -> String {
         head
     }
 }
+
+/// An error and its causes on one line: `outer: cause: root cause`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chain_and_redaction() {
+        let io = std::io::Error::other("disk on fire");
+        let outer = crate::backend::Error::io("read", io);
+        assert_eq!(super::error_chain(&outer), "read: disk on fire");
+        assert_eq!(super::redact("0123456789abcdef"), "01234567…");
+        assert_eq!(super::redact("short"), "short");
+    }
+}

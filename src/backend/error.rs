@@ -72,8 +72,9 @@ impl Error {
             Some(libc::EOPNOTSUPP) => ErrorKind::Unsupported,
             _ => ErrorKind::Io,
         };
-        let context = context.into();
-        Error::new(kind, format!("{context}: {err}")).with_source(err)
+        // The message is this layer only; the cause is the source (see
+        // `telemetry::error_chain` for the whole line).
+        Error::new(kind, context).with_source(err)
     }
 }
 

@@ -497,6 +497,8 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
             })
         }
         Phase::FinishedSuccess | Phase::FinishedFailure => Ok(()),
+        // Never entered by this engine (wire names kept for clients).
+        Phase::Unknown | Phase::Cancelled => Ok(()),
     }
 }
 

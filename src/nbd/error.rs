@@ -73,13 +73,7 @@ pub struct ErrnoContext {
 /// The single mapping from a backend error to an NBD errno. Logs the full
 /// error chain once, here, before narrowing it.
 pub fn to_errno(err: &backend::Error, ctx: ErrnoContext) -> RequestError {
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
+    let chain = crate::telemetry::error_chain(err);
     let errno = match err.kind() {
         ErrorKind::ReadOnly | ErrorKind::Forbidden => NBD_EPERM,
         ErrorKind::NoSpace => NBD_ENOSPC,
@@ -95,7 +89,7 @@ pub fn to_errno(err: &backend::Error, ctx: ErrnoContext) -> RequestError {
     } else {
         tracing::debug!(errno, error = %chain, "request failed");
     }
-    RequestError::new(errno, err.message().to_string())
+    RequestError::new(errno, chain)
 }
 
 #[cfg(test)]

@@ -9,14 +9,15 @@
 //! - SIGINT / SIGTERM: finish in-flight requests, flush, pause an upload
 //!   (or cancel it) / finalize a download, exit non-zero.
 
-use super::engine_client::{Direction, EngineClient};
+use super::engine_client::EngineClient;
 use super::error::{Error, Result};
 use super::gate::{Gate, GateState, GatedBackend};
-use super::phase::Phase;
 use super::transfer::{Target, TransferSession};
 use crate::backend::Backend;
 use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use crate::nbd::{End, Export, Exports, Listener, Observer, Server};
+use crate::ovirt::Direction;
+use crate::ovirt::Phase;
 use crate::shutdown::{self, Shutdown};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 //! and `nbdbridge engine`.
 
 use super::error::{Error, Result};
-use super::phase::Phase;
 use crate::backend::imageio::{TlsOptions, build_client};
+use crate::ovirt::{Direction, Phase};
 use quick_xml::escape::escape;
 use serde::Deserialize;
 use std::sync::Mutex;
@@ -26,25 +26,6 @@ pub struct EngineConfig {
     pub password: String,
     /// TLS settings.
     pub tls: TlsOptions,
-}
-
-/// Transfer direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Into the disk.
-    Upload,
-    /// Out of the disk.
-    Download,
-}
-
-impl Direction {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Upload => "upload",
-            Direction::Download => "download",
-        }
-    }
 }
 
 /// The actions of an image transfer.

@@ -34,7 +34,7 @@ pub enum Error {
         /// Transfer id.
         id: String,
         /// The phase.
-        phase: super::phase::Phase,
+        phase: crate::ovirt::Phase,
         /// More words.
         why: String,
     },
@@ -49,14 +49,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A transport failure of `what`.
     pub fn transport(what: &str, err: &reqwest::Error) -> Self {
-        let mut msg = format!("{what}: {err}");
-        let mut source = std::error::Error::source(err);
-        while let Some(s) = source {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            source = s.source();
-        }
-        Error::Transport(msg)
+        Error::Transport(format!("{what}: {}", crate::telemetry::error_chain(err)))
     }
 
     /// Whether the engine said "not found".

@@ -6,10 +6,9 @@ pub mod driver;
 pub mod engine_client;
 pub mod error;
 pub mod gate;
-pub mod phase;
 pub mod transfer;
 
-pub use engine_client::{Action, Direction, EngineClient, EngineConfig, Transfer};
+pub use crate::ovirt::{Direction, Phase};
+pub use engine_client::{Action, EngineClient, EngineConfig, Transfer};
 pub use error::{Error, Result};
-pub use phase::Phase;
 pub use transfer::{Target, TransferSession};

@@ -64,13 +64,7 @@ async fn read_error_body(mut resp: reqwest::Response) -> String {
 
 /// A transport failure (connect, reset, timeout, body cut short).
 pub fn transport(what: &str, err: &reqwest::Error) -> Error {
-    let mut msg = format!("{what}: {err}");
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
+    let msg = format!("{what}: {}", crate::telemetry::error_chain(err));
     Error::new(ErrorKind::Io, msg).with_source(Transport)
 }
 
