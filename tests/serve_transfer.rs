@@ -187,7 +187,7 @@ fn killed_client_pauses_and_a_new_one_completes() {
 }
 
 #[test]
-fn unknown_disk_and_finished_transfer_fail_clearly() {
+fn unknown_disk_fails_clearly() {
     if !have_tools() {
         return;
     }
