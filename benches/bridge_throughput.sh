@@ -76,7 +76,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     BRIDGE_R+=("$(mbps "$t0" "$t1")")
 
     # qemu-nbd on a plain file.
-    IMG=$WORK/qemu.img; truncate -s "$BYTES" "$IMG"
+    IMG=$WORK/qemu.img; truncate -s "$BYTES" "$IMG"; rm -f "$WORK/q.sock"
     qemu-nbd -f raw --shared=0 --persistent -k "$WORK/q.sock" "$IMG" & PIDS+=($!); QPID=$!
     for _ in $(seq 1 100); do [ -S "$WORK/q.sock" ] && break; sleep 0.05; done
     t0=$(now); nbdcopy --flush "$SRC" "nbd+unix:///?socket=$WORK/q.sock"; t1=$(now)
@@ -86,11 +86,13 @@ for ((rep = 1; rep <= REPS; rep++)); do
     kill -TERM "$QPID"; wait "$QPID" 2>/dev/null || true; rm -f "$WORK/q.sock" "$IMG"
 
     # One data server; nbdkit-curl and the bridge read the same ticket.
+    rm -f "$WORK/ctl.sock" "$WORK/local.sock"
     start "$BIN" imageio --listen 127.0.0.1:0 --control-socket "$WORK/ctl.sock" --local-socket "$WORK/local.sock"
     IPID=$PID; BASE=$LINE
     curl -sf --unix-socket "$WORK/ctl.sock" -X PUT "http://localhost/tickets/bench$rep" \
         -d "{\"uuid\":\"bench$rep\",\"size\":$BYTES,\"url\":\"file://$SRC\",\"timeout\":3600,\"ops\":[\"read\"]}" \
         || die "cannot add the ticket"
+    rm -f "$WORK/k.sock"
     nbdkit -U "$WORK/k.sock" --exit-with-parent curl "url=${BASE}bench$rep" & PIDS+=($!); KPID=$!
     for _ in $(seq 1 100); do [ -S "$WORK/k.sock" ] && break; sleep 0.05; done
     t0=$(now); nbdcopy "nbd+unix:///?socket=$WORK/k.sock" null:; t1=$(now)

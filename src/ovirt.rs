@@ -104,6 +104,22 @@ impl Phase {
 }
 
 wire_enum! {
+    /// The actions of an image transfer (`POST .../imagetransfers/ID/NAME`).
+    Action {
+        /// End the transfer, remove an uploaded image.
+        Cancel = "cancel",
+        /// Keep the session alive.
+        Extend = "extend",
+        /// Data is complete: verify and finish.
+        Finalize = "finalize",
+        /// Pause (uploads only).
+        Pause = "pause",
+        /// Resume a paused transfer.
+        Resume = "resume",
+    }
+}
+
+wire_enum! {
     /// ImageTransferDirection.
     Direction {
         /// Client to disk.

@@ -19,44 +19,7 @@ use crate::telemetry::redact;
 use std::sync::Arc;
 use tracing::Instrument;
 
-/// The client actions on a transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// End the transfer, remove an uploaded image.
-    Cancel,
-    /// Keep the session alive.
-    Extend,
-    /// Data is complete: verify and finish.
-    Finalize,
-    /// Pause (uploads only).
-    Pause,
-    /// Resume a paused transfer.
-    Resume,
-}
-
-impl Action {
-    /// The action named in the URL.
-    pub fn parse(name: &str) -> Option<Action> {
-        Some(match name {
-            "cancel" => Action::Cancel,
-            "extend" => Action::Extend,
-            "finalize" => Action::Finalize,
-            "pause" => Action::Pause,
-            "resume" => Action::Resume,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Action::Cancel => "cancel",
-            Action::Extend => "extend",
-            Action::Finalize => "finalize",
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-        }
-    }
-}
+pub use crate::ovirt::Action;
 
 /// Largest inactivity timeout a client may ask for (one day).
 const MAX_INACTIVITY_TIMEOUT: u64 = 86_400;
@@ -172,7 +135,7 @@ fn parse_bool(v: &str) -> Option<bool> {
 fn refuse(action: Action, t: &Transfer) -> Error {
     Error::Conflict(format!(
         "Cannot {} image transfer {} in phase {}.",
-        action.name(),
+        action.as_str(),
         t.id,
         t.phase
     ))
@@ -225,7 +188,7 @@ pub async fn act(state: &Arc<State>, id: &str, action: Action) -> Result<()> {
         t.updated = now();
         Ok(())
     })?;
-    tracing::info!(transfer = %t.id, action = action.name(), phase = %t.phase, "client action");
+    tracing::info!(transfer = %t.id, action = action.as_str(), phase = %t.phase, "client action");
     if action == Action::Extend && t.phase == Phase::Transferring && t.ticket_installed {
         // Extend refreshes the ticket's expiry too, so a client that keeps
         // a transfer alive never loses its ticket.

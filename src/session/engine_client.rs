@@ -4,7 +4,7 @@
 
 use super::error::{Error, Result};
 use crate::backend::imageio::{TlsOptions, build_client};
-use crate::ovirt::{Direction, Phase};
+use crate::ovirt::{Action, Direction, Phase};
 use quick_xml::escape::escape;
 use serde::Deserialize;
 use std::sync::Mutex;
@@ -26,33 +26,6 @@ pub struct EngineConfig {
     pub password: String,
     /// TLS settings.
     pub tls: TlsOptions,
-}
-
-/// The actions of an image transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// `cancel`
-    Cancel,
-    /// `extend`
-    Extend,
-    /// `finalize`
-    Finalize,
-    /// `pause`
-    Pause,
-    /// `resume`
-    Resume,
-}
-
-impl Action {
-    fn as_str(self) -> &'static str {
-        match self {
-            Action::Cancel => "cancel",
-            Action::Extend => "extend",
-            Action::Finalize => "finalize",
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-        }
-    }
 }
 
 /// What we read of an `image_transfer`.

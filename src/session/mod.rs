@@ -8,7 +8,7 @@ pub mod error;
 pub mod gate;
 pub mod transfer;
 
-pub use crate::ovirt::{Direction, Phase};
-pub use engine_client::{Action, EngineClient, EngineConfig, Transfer};
+pub use crate::ovirt::{Action, Direction, Phase};
+pub use engine_client::{EngineClient, EngineConfig, Transfer};
 pub use error::{Error, Result};
 pub use transfer::{Target, TransferSession};

@@ -1,10 +1,10 @@
 //! One image transfer, seen from the bridge: create or attach it, wait for
 //! the phases the engine moves through, and ask for the ones we need.
 
-use super::engine_client::{Action, EngineClient, Transfer};
+use super::engine_client::{EngineClient, Transfer};
 use super::error::{Error, Result};
-use crate::ovirt::Direction;
 use crate::ovirt::Phase;
+use crate::ovirt::{Action, Direction};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
