@@ -3,7 +3,7 @@
 
 use super::{
     Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, ReadChunk, Result,
-    SPARSE_READ_EXTENTS, ZeroFlags, plan_sparse_read,
+    SPARSE_READ_EXTENTS, ZeroFlags, read_planned,
 };
 use crate::store::FileStore;
 use bytes::Bytes;
@@ -78,22 +78,7 @@ impl Backend for FileBackend {
             .into_iter()
             .map(to_extent)
             .collect();
-        let mut chunks = Vec::new();
-        for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
-            let chunk = if zero {
-                ReadChunk::Zero {
-                    offset: start,
-                    len: run,
-                }
-            } else {
-                ReadChunk::Data {
-                    offset: start,
-                    data: self.read(start, run as usize).await?,
-                }
-            };
-            chunks.push(chunk);
-        }
-        Ok(chunks)
+        read_planned(self, &extents, offset, len).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {

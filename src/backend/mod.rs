@@ -155,22 +155,7 @@ pub trait Backend: Send + Sync + 'static {
                 )
                 .await
                 .unwrap_or_default();
-            let mut chunks = Vec::new();
-            for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
-                if zero {
-                    chunks.push(ReadChunk::Zero {
-                        offset: start,
-                        len: run,
-                    });
-                } else {
-                    let data = self.read(start, run as usize).await?;
-                    chunks.push(ReadChunk::Data {
-                        offset: start,
-                        data,
-                    });
-                }
-            }
-            Ok(chunks)
+            read_planned(self, &extents, offset, len).await
         }
     }
 
@@ -205,6 +190,34 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
         max_count: usize,
     ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+}
+
+/// Read `offset..offset+len` as the runs `extents` give: zero runs become
+/// [`ReadChunk::Zero`] without a read, the rest is read from `backend`.
+///
+/// # Errors
+/// A read failed.
+pub async fn read_planned<B: Backend + ?Sized>(
+    backend: &B,
+    extents: &[Extent],
+    offset: u64,
+    len: usize,
+) -> Result<Vec<ReadChunk>> {
+    let mut chunks = Vec::new();
+    for (start, run, zero) in plan_sparse_read(extents, offset, len as u64) {
+        chunks.push(if zero {
+            ReadChunk::Zero {
+                offset: start,
+                len: run,
+            }
+        } else {
+            ReadChunk::Data {
+                offset: start,
+                data: backend.read(start, run as usize).await?,
+            }
+        });
+    }
+    Ok(chunks)
 }
 
 /// Split `offset..offset+len` into (start, len, reads-as-zero) runs from

@@ -24,10 +24,7 @@ use self::pool::Pool;
 pub use self::pool::build_client;
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
-use super::{
-    Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, ReadChunk, Result,
-    SPARSE_READ_EXTENTS, ZeroFlags, plan_sparse_read,
-};
+use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Result, ZeroFlags};
 use crate::bufpool::PoolBuf;
 use bytes::Bytes;
 use std::path::PathBuf;
@@ -383,31 +380,6 @@ impl Backend for ImageioBackend {
             return Ok(Bytes::new());
         }
         retry(|| self.read_once(offset, len)).await
-    }
-
-    async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
-        let extents = match &self.map {
-            Some(map) => map
-                .lock()
-                .map(|m| m.query(offset, len as u64, SPARSE_READ_EXTENTS))
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let mut chunks = Vec::new();
-        for (start, run, zero) in plan_sparse_read(&extents, offset, len as u64) {
-            chunks.push(if zero {
-                ReadChunk::Zero {
-                    offset: start,
-                    len: run,
-                }
-            } else {
-                ReadChunk::Data {
-                    offset: start,
-                    data: self.read(start, run as usize).await?,
-                }
-            });
-        }
-        Ok(chunks)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
