@@ -289,7 +289,7 @@ async fn produce(
         while reads.len() < READS_IN_FLIGHT && next < end {
             let n = (end - next).min(READ_CHUNK as u64) as usize;
             let s = store.clone();
-            let mut buf = pool.get();
+            let mut buf = pool.get_for(n);
             let at = next;
             reads.push_back((
                 tokio::task::spawn_blocking(move || {

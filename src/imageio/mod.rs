@@ -83,8 +83,10 @@ use tokio::task::JoinHandle;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long open connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Idle buffers kept per pool (bounds memory kept between requests).
-const POOL_IDLE: usize = 4;
+/// Idle read memory kept between requests, in full read chunks.
+const READ_POOL_IDLE: usize = 8;
+/// Idle write memory kept between requests, in full write chunks.
+const WRITE_POOL_IDLE: usize = 4;
 /// Largest hyper read buffer: large body frames, fewer wake-ups.
 const MAX_BUF_SIZE: usize = 4 * 1024 * 1024;
 
@@ -342,8 +344,8 @@ impl DataServer {
             max_readers: config.max_readers,
             max_writers: config.max_writers,
             next_conn: AtomicU64::new(0),
-            read_pool: buffers::BufferPool::new(handlers::READ_CHUNK, POOL_IDLE),
-            write_pool: buffers::BufferPool::new(handlers::WRITE_CHUNK, POOL_IDLE),
+            read_pool: buffers::BufferPool::new(handlers::READ_CHUNK, READ_POOL_IDLE),
+            write_pool: buffers::BufferPool::new(handlers::WRITE_CHUNK, WRITE_POOL_IDLE),
         });
         let shutdown = Shutdown::new();
         let mut tasks = vec![

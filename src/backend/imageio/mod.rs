@@ -16,12 +16,14 @@
 
 pub mod extent_map;
 mod pool;
+pub mod readahead;
 pub mod status;
 pub mod wire;
 
 use self::extent_map::ExtentMap;
 use self::pool::Pool;
 pub use self::pool::build_client;
+use self::readahead::{Plan, ReadAhead};
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
 use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Result, ZeroFlags};
@@ -84,6 +86,8 @@ pub struct ImageioBackend {
     map: Option<Mutex<ExtentMap>>,
     dirty: tokio::sync::OnceCell<ExtentMap>,
     ended: Arc<AtomicBool>,
+    /// Block read-ahead for sequential readers (read-only tickets only).
+    readahead: Option<ReadAhead>,
 }
 
 impl ImageioBackend {
@@ -144,6 +148,7 @@ impl ImageioBackend {
             map: None,
             dirty: tokio::sync::OnceCell::new(),
             ended: Arc::new(AtomicBool::new(false)),
+            readahead: None,
         };
         let extents = if backend.options.has("extents") {
             Some(backend.fetch_extents("zero").await?)
@@ -162,6 +167,9 @@ impl ImageioBackend {
         };
         backend.size = size;
         backend.map = extents.map(|list| Mutex::new(ExtentMap::new(list, size)));
+        if config.read_only {
+            backend.readahead = Some(ReadAhead::new(size));
+        }
         Ok(backend)
     }
 
@@ -378,6 +386,33 @@ impl Backend for ImageioBackend {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
+        }
+        let plan = match &self.readahead {
+            Some(ra) => ra.plan(offset, len),
+            None => Plan::Direct,
+        };
+        if let Plan::Block {
+            slot,
+            start,
+            len: block_len,
+        } = plan
+        {
+            let block = slot
+                .get_or_try_init(|| retry(|| self.read_once(start, block_len)))
+                .await;
+            match block {
+                Ok(block) => {
+                    if let Some(part) = readahead::slice(block, start, offset, len) {
+                        return Ok(part);
+                    }
+                }
+                Err(e) => {
+                    if let Some(ra) = &self.readahead {
+                        ra.forget(start, &slot);
+                    }
+                    tracing::debug!(error = %e, "read-ahead failed; reading directly");
+                }
+            }
         }
         retry(|| self.read_once(offset, len)).await
     }
