@@ -7,62 +7,10 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::engine::{Setup, element, first_id, have_tools, http};
+use support::engine::{Setup, element, first_id, have_tools};
 use support::{Proc, bin, pattern, run_ok, wait_until};
 
 const SIZE: u64 = 64 << 20;
-
-/// A bearer token for the engine's API.
-fn token(setup: &Setup) -> String {
-    let password = std::fs::read_to_string(&setup.password_file).unwrap();
-    let form = format!(
-        "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password={}",
-        password.trim()
-    );
-    let (status, _, body) = http(
-        &setup.engine.url,
-        "POST",
-        "/ovirt-engine/sso/oauth/token",
-        None,
-        "application/x-www-form-urlencoded",
-        form.as_bytes(),
-    );
-    assert_eq!(status, 200, "login: {body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["access_token"].as_str().unwrap().to_string()
-}
-
-fn api(setup: &Setup, method: &str, path: &str, body: &str) -> (u16, String) {
-    let t = token(setup);
-    let (status, _, text) = http(
-        &setup.engine.url,
-        method,
-        &format!("/ovirt-engine/api{path}"),
-        Some(&t),
-        "application/xml",
-        body.as_bytes(),
-    );
-    (status, text)
-}
-
-/// Create a raw disk and wait until it is `ok`; its id.
-fn new_disk(setup: &Setup, alias: &str) -> String {
-    let (status, xml) = api(
-        setup,
-        "POST",
-        "/disks",
-        &format!(
-            "<disk><alias>{alias}</alias><format>raw</format>\
-             <provisioned_size>{SIZE}</provisioned_size></disk>"
-        ),
-    );
-    assert!((200..300).contains(&status), "add disk: {status} {xml}");
-    let id = first_id(&xml).unwrap().to_string();
-    wait_until("disk ok", Duration::from_secs(30), || {
-        element(&api(setup, "GET", &format!("/disks/{id}"), "").1, "status") == Some("ok")
-    });
-    id
-}
 
 fn serve(setup: &Setup, dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin());
@@ -75,15 +23,6 @@ fn serve(setup: &Setup, dir: &Path, args: &[&str]) -> Proc {
         .arg(dir.join("nbd.sock"))
         .args(args);
     Proc::start_announcing("nbdbridge serve", cmd)
-}
-
-/// The phase of the newest transfer of `disk`.
-fn phase_of_disk_transfer(setup: &Setup, disk: &str) -> Option<String> {
-    let (_, xml) = api(setup, "GET", "/imagetransfers", "");
-    xml.split("<image_transfer ")
-        .filter(|t| t.contains(&format!("id=\"{disk}\"")))
-        .last()
-        .and_then(|t| element(t, "phase").map(str::to_string))
 }
 
 fn write_source(path: &Path) {
@@ -102,14 +41,15 @@ fn upload_probe_finalize_then_download_compares() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     write_source(&src);
-    let disk = new_disk(&setup, "up1");
+    let api = api_of(&setup);
+    let disk = api.new_disk("up1", "raw", SIZE);
 
     let mut bridge = serve(&setup, dir.path(), &["--disk", &disk]);
     let uri = bridge.first_line.clone();
     // A probe connects and leaves with DISC, writing nothing: no finalize.
     run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
     assert_eq!(
-        phase_of_disk_transfer(&setup, &disk).as_deref(),
+        api.phase_of_disk_transfer(&disk).as_deref(),
         Some("transferring"),
         "a probe must not end the transfer"
     );
@@ -122,7 +62,7 @@ fn upload_probe_finalize_then_download_compares() {
     let status = bridge.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "serve exit: {status}");
     assert_eq!(
-        phase_of_disk_transfer(&setup, &disk).as_deref(),
+        api.phase_of_disk_transfer(&disk).as_deref(),
         Some("finished_success")
     );
 
@@ -153,7 +93,8 @@ fn killed_client_pauses_and_a_new_one_completes() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     write_source(&src);
-    let disk = new_disk(&setup, "up2");
+    let api = api_of(&setup);
+    let disk = api.new_disk("up2", "raw", SIZE);
     let mut bridge = serve(&setup, dir.path(), &["--disk", &disk]);
     let uri = bridge.first_line.clone();
     // A client that writes, flushes and dies without NBD_CMD_DISC.
@@ -163,7 +104,7 @@ fn killed_client_pauses_and_a_new_one_completes() {
     );
     run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
     wait_until("paused_user", Duration::from_secs(30), || {
-        phase_of_disk_transfer(&setup, &disk).as_deref() == Some("paused_user")
+        api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
     });
     // nbdcopy with several connections completes the upload.
     run_ok(
@@ -176,7 +117,7 @@ fn killed_client_pauses_and_a_new_one_completes() {
     let status = bridge.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "serve exit: {status}");
     assert_eq!(
-        phase_of_disk_transfer(&setup, &disk).as_deref(),
+        api.phase_of_disk_transfer(&disk).as_deref(),
         Some("finished_success")
     );
     let image = setup.data.join("images").join(&disk);
