@@ -12,7 +12,8 @@
 //! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
 //!   image transfer phases, state in SQLite).
 //! - [`session`]: the image transfer session (engine REST client, phases).
-//! - [`shutdown`] and [`telemetry`]: orderly stop and logging.
+//! - [`shutdown`] and [`telemetry`]: orderly stop and logging;
+//!   [`progress`]: the progress line on a terminal.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![deny(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod ovirt;
+pub mod progress;
 pub mod session;
 pub mod shutdown;
 pub mod store;

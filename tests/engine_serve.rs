@@ -83,3 +83,148 @@ fn qemu_img_through_serve_to_an_engine_disk() {
     let written = std::fs::read(data.join("images").join(&disk_id)).unwrap();
     assert!(written == std::fs::read(&src).unwrap(), "disk data differs");
 }
+
+/// A sparse qcow2 source: 64 MiB virtual, 3 MiB of data.
+fn sparse_qcow2(path: &std::path::Path) {
+    support::run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg("64M"),
+    );
+    support::run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x55 1M 2M",
+                "-c",
+                "write -P 0x66 40M 1M",
+            ])
+            .arg(path),
+    );
+}
+
+fn serve_cmd(setup: &support::engine::Setup, socket: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(support::bin());
+    cmd.args([
+        "serve",
+        "--engine-url",
+        &setup.engine.url,
+        "--password-file",
+    ])
+    .arg(&setup.password_file)
+    .arg("--socket")
+    .arg(socket)
+    .args(args);
+    cmd
+}
+
+/// A QCOW2 disk: serve asks for a raw-format transfer, so qemu-img writes
+/// guest data (through the engine's qemu-nbd and the real daemon) and the
+/// disk stays a QCOW2 image; a download compares identical. A cow-format
+/// transfer is refused unless `--allow-cow`, which shows the container.
+#[test]
+fn cow_disk_upload_is_guest_data_and_cow_transfers_are_refused() {
+    if !(have_tools() && support::require("qemu-io") && support::require("nbdinfo")) {
+        return;
+    }
+    let setup = support::engine::Setup::start(&[], &[]);
+    let api = support::api::Api {
+        url: setup.engine.url.clone(),
+        password_file: setup.password_file.clone(),
+    };
+    let w = setup.tmp.path();
+    let src = w.join("src.qcow2");
+    sparse_qcow2(&src);
+    let disk = api.new_disk("cow1", "cow", 64 << 20);
+
+    let mut up = support::Proc::start_announcing(
+        "nbdbridge serve (cow upload)",
+        serve_cmd(&setup, &w.join("up.sock"), &["--disk", &disk]),
+    );
+    let uri = up.first_line.clone();
+    let size = support::run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert_eq!(
+        String::from_utf8_lossy(&size.stdout).trim(),
+        (64u64 << 20).to_string(),
+        "clients see the virtual size, not the QCOW2 file"
+    );
+    support::run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "qcow2", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    let status = up.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "upload serve: {status}");
+    assert_eq!(
+        api.phase_of_disk_transfer(&disk).as_deref(),
+        Some("finished_success")
+    );
+    let info = support::run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(setup.data.join("images").join(&disk)),
+    );
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("\"format\": \"qcow2\""),
+        "the disk is still a QCOW2 image: {info}"
+    );
+
+    let mut down = support::Proc::start_announcing(
+        "nbdbridge serve (cow download)",
+        serve_cmd(
+            &setup,
+            &w.join("down.sock"),
+            &["--disk", &disk, "--direction", "download"],
+        ),
+    );
+    let uri = down.first_line.clone();
+    let out = support::run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
+    let status = down.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "download serve: {status}");
+
+    // Someone else's cow-format transfer: the container bytes.
+    let cow = api.new_transfer(&disk, "download", "cow");
+    let out = serve_cmd(&setup, &w.join("cow.sock"), &["--transfer", &cow])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("format cow") && err.contains("--allow-cow"),
+        "stderr: {err}"
+    );
+    assert!(out.stdout.is_empty(), "no URI on refusal");
+    let mut raw = support::Proc::start_announcing(
+        "nbdbridge serve --allow-cow",
+        serve_cmd(
+            &setup,
+            &w.join("cow.sock"),
+            &["--transfer", &cow, "--allow-cow"],
+        ),
+    );
+    let info = support::run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&raw.first_line),
+    );
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("\"format\": \"qcow2\""),
+        "--allow-cow shows the QCOW2 container: {info}"
+    );
+    // It read data and left with DISC: the download is finalized.
+    let status = raw.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "--allow-cow serve: {status}");
+    assert_eq!(api.phase(&cow).as_deref(), Some("finished_success"));
+}

@@ -126,3 +126,104 @@ fn a_missing_disk_without_size_is_a_clear_error() {
     );
     assert!(out.stdout.is_empty(), "no URI is printed on failure");
 }
+
+/// Under a pseudo-terminal (`script`), serve draws the progress line
+/// (bytes / size, rate, phase) and clears it; with stderr in a file there
+/// is no progress line, only one log line per phase change.
+#[test]
+fn progress_line_on_a_terminal_only() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    if !(require("script") && require("qemu-img") && require(support::SYSTEM_PYTHON)) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sock = tmp.path().join("tty.sock");
+    let typescript = tmp.path().join("tty.out");
+    let serve_line = format!(
+        "{} serve --data-dir {} --socket {} --disk tty --size 64M",
+        bin().display(),
+        data.display(),
+        sock.display()
+    );
+    let mut cmd = Command::new("script");
+    cmd.args(["-qfec", &serve_line])
+        .arg(&typescript)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut tty = Proc::start("script", cmd);
+    let shown = || std::fs::read_to_string(&typescript).unwrap_or_default();
+    support::wait_until("the URI on the terminal", Duration::from_secs(60), || {
+        shown().contains("nbd+unix:///")
+    });
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    // A client that writes 1 MiB, flushes, then waits for a word to leave
+    // with NBD_CMD_DISC.
+    let script = format!(
+        "import nbd, sys\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
+         h.pwrite(b'y' * 1048576, 0)\nh.flush()\nprint('ready', flush=True)\n\
+         sys.stdin.readline()\nh.shutdown()\n"
+    );
+    let mut client = std::process::Command::new(support::SYSTEM_PYTHON)
+        .arg("-c")
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    support::wait_until("the progress line", Duration::from_secs(30), || {
+        shown().contains("\r\x1b[Kupload 1.0 MiB / 64.0 MiB (1%), ")
+    });
+    let text = shown();
+    assert!(text.contains("B/s, transferring"), "{text:?}");
+    writeln!(client.stdin.take().unwrap(), "go").unwrap();
+    assert!(client.wait().unwrap().success());
+    let status = tty.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "serve under a tty: {status}");
+    let text = shown();
+    let last_draw = text.rfind("upload 1.0 MiB").unwrap();
+    assert!(
+        text[last_draw..].contains("\r\x1b[K"),
+        "the line is cleared after its last draw: {text:?}"
+    );
+
+    // Not a terminal: no progress, one line per phase change.
+    let log = tmp.path().join("down.log");
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--socket")
+        .arg(tmp.path().join("down.sock"))
+        .args(["--disk", "tty", "--direction", "download"])
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut down = Proc::start_announcing("nbdbridge serve (download)", cmd);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&down.first_line)
+            .arg(tmp.path().join("copy.raw")),
+    );
+    let status = down.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "download serve: {status}");
+    let copy = std::fs::read(tmp.path().join("copy.raw")).unwrap();
+    assert!(
+        copy[..1 << 20].iter().all(|&b| b == b'y'),
+        "the upload landed"
+    );
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(!err.contains('\r') && !err.contains("B/s"), "{err:?}");
+    for phase in ["transferring", "finished_success"] {
+        let n = err
+            .lines()
+            .filter(|l| l.contains(&format!("transfer {phase} ")))
+            .count();
+        assert_eq!(n, 1, "one line for {phase}:\n{err}");
+    }
+}

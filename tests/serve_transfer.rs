@@ -4,65 +4,13 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::engine::{Setup, element, first_id, have_tools, http};
+use support::engine::{Setup, element, first_id, have_tools};
 use support::{Proc, bin, pattern, run_ok, wait_until};
 
 const SIZE: u64 = 64 << 20;
-
-/// A bearer token for the engine's API.
-fn token(setup: &Setup) -> String {
-    let password = std::fs::read_to_string(&setup.password_file).unwrap();
-    let form = format!(
-        "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password={}",
-        password.trim()
-    );
-    let (status, _, body) = http(
-        &setup.engine.url,
-        "POST",
-        "/ovirt-engine/sso/oauth/token",
-        None,
-        "application/x-www-form-urlencoded",
-        form.as_bytes(),
-    );
-    assert_eq!(status, 200, "login: {body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["access_token"].as_str().unwrap().to_string()
-}
-
-fn api(setup: &Setup, method: &str, path: &str, body: &str) -> (u16, String) {
-    let t = token(setup);
-    let (status, _, text) = http(
-        &setup.engine.url,
-        method,
-        &format!("/ovirt-engine/api{path}"),
-        Some(&t),
-        "application/xml",
-        body.as_bytes(),
-    );
-    (status, text)
-}
-
-/// Create a raw disk and wait until it is `ok`; its id.
-fn new_disk(setup: &Setup, alias: &str) -> String {
-    let (status, xml) = api(
-        setup,
-        "POST",
-        "/disks",
-        &format!(
-            "<disk><alias>{alias}</alias><format>raw</format>\
-             <provisioned_size>{SIZE}</provisioned_size></disk>"
-        ),
-    );
-    assert!((200..300).contains(&status), "add disk: {status} {xml}");
-    let id = first_id(&xml).unwrap().to_string();
-    wait_until("disk ok", Duration::from_secs(30), || {
-        element(&api(setup, "GET", &format!("/disks/{id}"), "").1, "status") == Some("ok")
-    });
-    id
-}
 
 fn serve(setup: &Setup, dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin());
@@ -75,15 +23,6 @@ fn serve(setup: &Setup, dir: &Path, args: &[&str]) -> Proc {
         .arg(dir.join("nbd.sock"))
         .args(args);
     Proc::start_announcing("nbdbridge serve", cmd)
-}
-
-/// The phase of the newest transfer of `disk`.
-fn phase_of_disk_transfer(setup: &Setup, disk: &str) -> Option<String> {
-    let (_, xml) = api(setup, "GET", "/imagetransfers", "");
-    xml.split("<image_transfer ")
-        .filter(|t| t.contains(&format!("id=\"{disk}\"")))
-        .last()
-        .and_then(|t| element(t, "phase").map(str::to_string))
 }
 
 fn write_source(path: &Path) {
@@ -102,14 +41,15 @@ fn upload_probe_finalize_then_download_compares() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     write_source(&src);
-    let disk = new_disk(&setup, "up1");
+    let api = api_of(&setup);
+    let disk = api.new_disk("up1", "raw", SIZE);
 
     let mut bridge = serve(&setup, dir.path(), &["--disk", &disk]);
     let uri = bridge.first_line.clone();
     // A probe connects and leaves with DISC, writing nothing: no finalize.
     run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
     assert_eq!(
-        phase_of_disk_transfer(&setup, &disk).as_deref(),
+        api.phase_of_disk_transfer(&disk).as_deref(),
         Some("transferring"),
         "a probe must not end the transfer"
     );
@@ -122,7 +62,7 @@ fn upload_probe_finalize_then_download_compares() {
     let status = bridge.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "serve exit: {status}");
     assert_eq!(
-        phase_of_disk_transfer(&setup, &disk).as_deref(),
+        api.phase_of_disk_transfer(&disk).as_deref(),
         Some("finished_success")
     );
 
@@ -153,7 +93,8 @@ fn killed_client_pauses_and_a_new_one_completes() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     write_source(&src);
-    let disk = new_disk(&setup, "up2");
+    let api = api_of(&setup);
+    let disk = api.new_disk("up2", "raw", SIZE);
     let mut bridge = serve(&setup, dir.path(), &["--disk", &disk]);
     let uri = bridge.first_line.clone();
     // A client that writes, flushes and dies without NBD_CMD_DISC.
@@ -163,7 +104,7 @@ fn killed_client_pauses_and_a_new_one_completes() {
     );
     run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
     wait_until("paused_user", Duration::from_secs(30), || {
-        phase_of_disk_transfer(&setup, &disk).as_deref() == Some("paused_user")
+        api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
     });
     // nbdcopy with several connections completes the upload.
     run_ok(
@@ -176,7 +117,7 @@ fn killed_client_pauses_and_a_new_one_completes() {
     let status = bridge.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "serve exit: {status}");
     assert_eq!(
-        phase_of_disk_transfer(&setup, &disk).as_deref(),
+        api.phase_of_disk_transfer(&disk).as_deref(),
         Some("finished_success")
     );
     let image = setup.data.join("images").join(&disk);
@@ -207,4 +148,459 @@ fn unknown_disk_fails_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("404"), "stderr: {err}");
+}
+
+fn api_of(setup: &Setup) -> support::api::Api {
+    support::api::Api {
+        url: setup.engine.url.clone(),
+        password_file: setup.password_file.clone(),
+    }
+}
+
+/// `serve --engine-url URL ARGS` with stderr into `log`.
+fn serve_logged(url: &str, password_file: &str, socket: &Path, log: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--engine-url")
+        .arg(url)
+        .arg("--password-file")
+        .arg(password_file)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stderr(std::fs::File::create(log).unwrap());
+    Proc::start_announcing("nbdbridge serve", cmd)
+}
+
+/// A libnbd client that writes 64 KiB at 0, flushes, says `ready` and
+/// stays connected until killed.
+fn lingering_client(uri: &str) -> Proc {
+    let script = format!(
+        "import nbd, sys, time\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
+         h.pwrite(b'x' * 65536, 0)\nh.flush()\nprint('ready', flush=True)\ntime.sleep(300)\n"
+    );
+    let mut cmd = Command::new(support::SYSTEM_PYTHON);
+    cmd.arg("-c").arg(script);
+    let p = Proc::start_announcing("libnbd client", cmd);
+    assert_eq!(p.first_line, "ready");
+    p
+}
+
+/// Lines of `log` that contain `needle`.
+fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn a_finished_transfer_is_refused_clearly() {
+    if !have_tools() {
+        return;
+    }
+    let setup = Setup::start(&[], &[]);
+    let api = api_of(&setup);
+    let disk = api.new_disk("done", "raw", SIZE);
+    let id = api.new_transfer(&disk, "upload", "raw");
+    assert_eq!(api.act(&id, "finalize"), 200);
+    wait_until("finished_success", Duration::from_secs(30), || {
+        api.phase(&id).as_deref() == Some("finished_success")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--engine-url")
+        .arg(&setup.engine.url)
+        .arg("--password-file")
+        .arg(&setup.password_file)
+        .arg("--socket")
+        .arg(dir.path().join("x.sock"))
+        .args(["--transfer", &id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("transfer {id} is finished_success"))
+            && err.contains("start a new one"),
+        "stderr: {err}"
+    );
+    assert!(out.stdout.is_empty(), "no URI is printed");
+}
+
+/// SIGINT during an upload pauses it and names the id; `--transfer ID`
+/// resumes it and nbdcopy completes it. stderr has one line per phase
+/// change, naming the phase as the API does.
+#[test]
+fn sigint_pauses_and_transfer_id_resumes() {
+    if !(have_tools() && support::require("nbdcopy")) {
+        return;
+    }
+    let setup = Setup::start(&[], &[]);
+    let api = api_of(&setup);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    write_source(&src);
+    let disk = api.new_disk("int1", "raw", SIZE);
+    let log1 = dir.path().join("serve1.log");
+    let mut bridge = serve_logged(
+        &setup.engine.url,
+        &setup.password_file,
+        &dir.path().join("a.sock"),
+        &log1,
+        &["--disk", &disk],
+    );
+    let client = lingering_client(&bridge.first_line);
+    bridge.signal(2);
+    let status = bridge.wait_exit(Duration::from_secs(60));
+    drop(client);
+    assert!(!status.success(), "an interrupted upload exits non-zero");
+    assert_eq!(
+        api.phase_of_disk_transfer(&disk).as_deref(),
+        Some("paused_user")
+    );
+    let id = api.transfer_of_disk(&disk).unwrap();
+    let err = std::fs::read_to_string(&log1).unwrap();
+    assert!(
+        err.contains(&format!("--transfer {id}")),
+        "the id to resume with is printed: {err}"
+    );
+    assert_eq!(count_lines(&err, "transfer transferring "), 1, "{err}");
+    assert_eq!(count_lines(&err, "transfer paused_user "), 1, "{err}");
+
+    let log2 = dir.path().join("serve2.log");
+    let mut bridge = serve_logged(
+        &setup.engine.url,
+        &setup.password_file,
+        &dir.path().join("b.sock"),
+        &log2,
+        &["--transfer", &id],
+    );
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--connections=2")
+            .arg("--flush")
+            .arg(&src)
+            .arg(&bridge.first_line),
+    );
+    let status = bridge.wait_exit(Duration::from_secs(60));
+    let err = std::fs::read_to_string(&log2).unwrap();
+    assert!(status.success(), "resumed serve: {status}\n{err}");
+    assert_eq!(api.phase(&id).as_deref(), Some("finished_success"));
+    let image = setup.data.join("images").join(&disk);
+    assert!(
+        std::fs::read(&image).unwrap() == std::fs::read(&src).unwrap(),
+        "the disk holds exactly the source"
+    );
+    // (`resuming` may pass between two reads.)
+    for phase in ["paused_user", "transferring", "finished_success"] {
+        assert_eq!(
+            count_lines(&err, &format!("transfer {phase} ")),
+            1,
+            "one line for {phase}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn on_interrupt_cancel_cancels_the_upload() {
+    if !have_tools() {
+        return;
+    }
+    let setup = Setup::start(&[], &[]);
+    let api = api_of(&setup);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = api.new_disk("int2", "raw", SIZE);
+    let log = dir.path().join("serve.log");
+    let mut bridge = serve_logged(
+        &setup.engine.url,
+        &setup.password_file,
+        &dir.path().join("a.sock"),
+        &log,
+        &["--disk", &disk, "--on-interrupt", "cancel"],
+    );
+    let client = lingering_client(&bridge.first_line);
+    bridge.signal(15);
+    let status = bridge.wait_exit(Duration::from_secs(60));
+    drop(client);
+    assert!(!status.success());
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(
+        api.phase_of_disk_transfer(&disk).as_deref(),
+        Some("finished_failure"),
+    );
+    assert_eq!(
+        api.call("GET", &format!("/disks/{disk}"), "").0,
+        404,
+        "a cancelled upload removes its disk"
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1 it signed, as an
+/// engine has them: (ca, cert, key). (A self-signed CA certificate cannot
+/// serve as the server's own: rustls refuses a CA as end entity.)
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let csr = dir.join("cert.csr");
+    let ext = dir.join("ext.cnf");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=nbdbridge test CA",
+            ])
+            .args(ec)
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-subj", "/CN=127.0.0.1"])
+            .args(ec)
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run_ok(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "1", "-set_serial", "2"])
+            .arg("-in")
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (ca, cert, key)
+}
+
+/// curl against the https engine; the body.
+fn curl_api(ca: &Path, args: &[&str]) -> String {
+    let out = run_ok(
+        Command::new("curl")
+            .args(["-s", "--fail-with-body", "--cacert"])
+            .arg(ca)
+            .args(args),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `serve --engine-url https://…` against `nbdbridge engine --tls-cert`:
+/// with `--ca-file` (upload), with `--insecure` (download), and refused
+/// without either.
+#[test]
+fn https_engine_with_ca_file_and_insecure() {
+    if !(have_tools() && support::require("openssl") && support::require("curl")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(tmp.path());
+    let imageio = support::engine::Imageio::start(&tmp.path().join("imageio"));
+    let data = tmp.path().join("engine");
+    let mut cmd = Command::new(bin());
+    cmd.arg("engine")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--host", &imageio.host_arg("h1")])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
+    let engine = Proc::start_announcing("nbdbridge engine (tls)", cmd);
+    let url = engine.first_line.clone();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let origin = url.trim_end_matches("/ovirt-engine/api");
+    let pw_file = data.join("password");
+    let pw = std::fs::read_to_string(&pw_file).unwrap();
+    let login = curl_api(
+        &ca,
+        &[
+            "-H",
+            "Accept: application/json",
+            "--data",
+            &format!(
+                "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password={}",
+                pw.trim()
+            ),
+            &format!("{origin}/ovirt-engine/sso/oauth/token"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&login).unwrap();
+    let token = v["access_token"].as_str().unwrap().to_string();
+    let auth = format!("Authorization: Bearer {token}");
+    let xml = curl_api(
+        &ca,
+        &[
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/xml",
+            "-H",
+            "Version: 4",
+            "--data",
+            &format!(
+                "<disk><alias>tls</alias><format>raw</format>\
+                 <provisioned_size>{SIZE}</provisioned_size></disk>"
+            ),
+            &format!("{url}/disks"),
+        ],
+    );
+    let disk = first_id(&xml).unwrap().to_string();
+    wait_until("disk ok", Duration::from_secs(30), || {
+        let xml = curl_api(&ca, &["-H", &auth, &format!("{url}/disks/{disk}")]);
+        element(&xml, "status") == Some("ok")
+    });
+    let src = tmp.path().join("src.raw");
+    write_source(&src);
+    let pw_path = pw_file.to_string_lossy().into_owned();
+
+    // Neither --ca-file nor --insecure: the self-signed engine is refused.
+    let out = Command::new(bin())
+        .args(["serve", "--engine-url", &url, "--password-file", &pw_path])
+        .arg("--socket")
+        .arg(tmp.path().join("no.sock"))
+        .args(["--disk", &disk])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "stderr: {err}");
+
+    let ca_path = ca.to_string_lossy().into_owned();
+    let mut up = serve_logged(
+        &url,
+        &pw_path,
+        &tmp.path().join("up.sock"),
+        &tmp.path().join("up.log"),
+        &["--disk", &disk, "--ca-file", &ca_path],
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&up.first_line),
+    );
+    let status = up.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "upload over https: {status}");
+
+    let mut down = serve_logged(
+        &url,
+        &pw_path,
+        &tmp.path().join("down.sock"),
+        &tmp.path().join("down.log"),
+        &["--disk", &disk, "--direction", "download", "--insecure"],
+    );
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&down.first_line),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
+    let status = down.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "download over https: {status}");
+}
+
+/// The engine restarts (same port) with host `h1` now served by another
+/// imageio daemon: after the resume, the transfer's URL changed and the
+/// bridge follows it; the first daemon is gone.
+#[test]
+fn after_a_resume_the_bridge_follows_a_new_data_url() {
+    if !(have_tools() && support::require("nbdcopy")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let first = support::engine::Imageio::start(&tmp.path().join("imageio1"));
+    let data = tmp.path().join("engine");
+    let engine = support::engine::Engine::start(&data, &[first.host_arg("h1")], &[]);
+    let api = support::api::Api {
+        url: engine.url.clone(),
+        password_file: engine.password_file.to_string_lossy().into_owned(),
+    };
+    let disk = api.new_disk("moved", "raw", SIZE);
+    let src = tmp.path().join("src.raw");
+    write_source(&src);
+    let log = tmp.path().join("serve.log");
+    let mut bridge = serve_logged(
+        &api.url,
+        &api.password_file,
+        &tmp.path().join("nbd.sock"),
+        &log,
+        &["--disk", &disk],
+    );
+    let uri = bridge.first_line.clone();
+    // A client that writes, flushes and dies without NBD_CMD_DISC.
+    let script = format!(
+        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
+         h.pwrite(b'x' * 65536, 0)\nh.flush()\nos._exit(0)\n"
+    );
+    run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
+    wait_until("paused_user", Duration::from_secs(30), || {
+        api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
+    });
+
+    let port = engine
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    drop(engine);
+    drop(first);
+    let second = support::engine::Imageio::start(&tmp.path().join("imageio2"));
+    let mut cmd = Command::new(bin());
+    cmd.arg("engine")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--host", &second.host_arg("h1")]);
+    let _engine = Proc::start_announcing("nbdbridge engine (restarted)", cmd);
+
+    run_ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
+    let status = bridge.wait_exit(Duration::from_secs(60));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "serve: {status}\n{err}");
+    assert!(
+        err.contains("the transfer moved to another data server"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&second.data_url),
+        "the new data URL is used: {err}"
+    );
+    assert_eq!(
+        api.phase_of_disk_transfer(&disk).as_deref(),
+        Some("finished_success")
+    );
+    let image = data.join("images").join(&disk);
+    assert!(
+        std::fs::read(&image).unwrap() == std::fs::read(&src).unwrap(),
+        "the disk holds exactly the source"
+    );
 }

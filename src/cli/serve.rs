@@ -7,6 +7,7 @@ use nbdbridge::backend::file::FileBackend;
 use nbdbridge::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use nbdbridge::engine::{self, Engine, embedded};
 use nbdbridge::nbd::{Export, Exports, Listener, Server};
+use nbdbridge::progress::{Progress, Sample};
 use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt};
 use nbdbridge::session::{Direction, EngineClient, EngineConfig, Target};
 use nbdbridge::shutdown::{self, Shutdown};
@@ -48,6 +49,10 @@ pub struct ServeArgs {
     /// Attach to this existing transfer (e.g. one paused earlier).
     #[arg(long)]
     transfer: Option<String>,
+    /// Serve a transfer whose format is cow: clients then see the QCOW2
+    /// file's own bytes instead of the guest data. Refused without this.
+    #[arg(long)]
+    allow_cow: bool,
     /// What SIGINT / SIGTERM does to an upload.
     #[arg(long, value_enum, default_value = "pause")]
     on_interrupt: InterruptArg,
@@ -273,6 +278,8 @@ async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptio
             InterruptArg::Pause => OnInterrupt::Pause,
             InterruptArg::Cancel => OnInterrupt::Cancel,
         },
+        allow_cow: args.allow_cow,
+        progress: nbdbridge::progress::stderr_is_terminal(),
     })
 }
 
@@ -352,8 +359,24 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
     let mut signals = shutdown::Signals::install()?;
     let serving = tokio::spawn(Arc::clone(&server).serve(listener));
     announce(&uri)?;
+    let progress = {
+        let server = Arc::clone(&server);
+        let name = args.export_name.clone();
+        Progress::start("served", backend.size(), move || {
+            let s = server
+                .exports()
+                .find(&name)
+                .map(|e| e.stats().snapshot())
+                .unwrap_or_default();
+            Sample {
+                done: s.bytes_read.saturating_add(s.bytes_written),
+                phase: None,
+            }
+        })
+    };
 
     let signal = signals.recv().await;
+    progress.finish();
     tracing::info!(signal, "stopping: finishing in-flight requests");
     shutdown.trigger();
     serving.await?;

@@ -7,7 +7,10 @@
 //!   listening; the next client resumes it;
 //! - idle clients: keep the ticket and the transfer alive;
 //! - SIGINT / SIGTERM: finish in-flight requests, flush, pause an upload
-//!   (or cancel it) / finalize a download, exit non-zero.
+//!   (or cancel it) / finalize a download, exit non-zero;
+//! - after a resume the transfer may be served by another data server: the
+//!   backend behind the gate is swapped before requests pass again;
+//! - on a terminal, a progress line (bytes, rate, phase).
 
 use super::engine_client::EngineClient;
 use super::error::{Error, Result};
@@ -18,6 +21,7 @@ use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use crate::nbd::{End, Export, Exports, Listener, Observer, Server};
 use crate::ovirt::Direction;
 use crate::ovirt::Phase;
+use crate::progress::{Progress, Sample};
 use crate::shutdown::{self, Shutdown};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +29,9 @@ use tokio::sync::mpsc;
 
 /// How often the session looks at the engine while serving.
 const POLL: Duration = Duration::from_secs(5);
+/// How long the engine may stay unreachable while serving (a restart)
+/// before the bridge gives up.
+const ENGINE_OUTAGE: Duration = Duration::from_secs(120);
 
 /// What to do with an upload on SIGINT / SIGTERM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,6 +54,10 @@ pub struct DriverOptions {
     pub tls: TlsOptions,
     /// Upload on interrupt.
     pub on_interrupt: OnInterrupt,
+    /// Serve a transfer whose format is `cow` (the QCOW2 file's bytes).
+    pub allow_cow: bool,
+    /// Draw the progress line (when stderr is a terminal).
+    pub progress: bool,
 }
 
 /// How a transfer `serve` ended.
@@ -93,15 +104,16 @@ pub async fn run(
     options: DriverOptions,
     announce: impl FnOnce(&str) -> std::io::Result<()>,
 ) -> Result<Outcome> {
-    let mut session = TransferSession::open(Arc::clone(&client), &target).await?;
+    let mut session =
+        TransferSession::open(Arc::clone(&client), &target, options.allow_cow).await?;
     let direction = session.transfer().direction;
     let size = match &session.transfer().disk_id {
         Some(id) => client.disk(id).await?.provisioned_size,
         None => None,
     };
-    let backend = Arc::new(connect_data(&session, size, direction, &options.tls).await?);
+    let (backend, mut data_url) = connect_data(&session, size, direction, &options.tls).await?;
     let gate = Gate::new(GateState::Open);
-    let gated = Arc::new(GatedBackend::new(Arc::clone(&backend), gate.clone()));
+    let gated = Arc::new(GatedBackend::new(Arc::new(backend), gate.clone()));
     let export = Export::new(options.export_name.clone(), None, Arc::clone(&gated));
     let stop = Shutdown::new();
     let (tx, mut events) = mpsc::unbounded_channel();
@@ -115,13 +127,32 @@ pub async fn run(
     announce(&uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
     tracing::info!(%uri, transfer = %session.transfer().id, ?direction, "serving the transfer");
 
-    let stats = || {
-        server
-            .exports()
-            .find("")
-            .map(|e| e.stats().snapshot())
-            .unwrap_or_default()
+    let stats = {
+        let server = Arc::clone(&server);
+        let name = options.export_name.clone();
+        move || {
+            server
+                .exports()
+                .find(&name)
+                .map(|e| e.stats().snapshot())
+                .unwrap_or_default()
+        }
     };
+    let progress = options.progress.then(|| {
+        let stats = stats.clone();
+        let phases = session.phases();
+        let (label, size) = (direction.as_str(), gated.size());
+        Progress::start(label, size, move || {
+            let s = stats();
+            Sample {
+                done: match direction {
+                    Direction::Upload => s.bytes_written,
+                    Direction::Download => s.bytes_read,
+                },
+                phase: Some(*phases.borrow()),
+            }
+        })
+    });
     let keepalive_every = Duration::from_secs(
         session
             .transfer()
@@ -134,6 +165,7 @@ pub async fn run(
     let mut last_io = (0u64, 0u64);
     let mut last_activity = Instant::now();
     let mut poll = tokio::time::interval(POLL.min(keepalive_every));
+    let mut engine_down_since: Option<Instant> = None;
 
     let outcome = loop {
         tokio::select! {
@@ -143,6 +175,7 @@ pub async fn run(
                     if gate.state() == GateState::Closed {
                         tracing::info!("a client is back: resuming");
                         session.resume().await?;
+                        follow_data_url(&session, &gated, &mut data_url, size, direction, &options.tls).await?;
                         gate.set(GateState::Open);
                     }
                 }
@@ -160,7 +193,7 @@ pub async fn run(
                             };
                             if done {
                                 tracing::info!(written = s.bytes_written, read = s.bytes_read, "last client left: finalizing");
-                                break finish(&mut session, &gate, &stop, &mut serving, &backend, FinishHow::Finalize).await?;
+                                break finish(&mut session, &gate, &stop, &mut serving, &gated.inner(), FinishHow::Finalize).await?;
                             }
                             if direction == Direction::Upload && s.write_failures > 0 {
                                 tracing::warn!(
@@ -179,7 +212,7 @@ pub async fn run(
                         _ if direction == Direction::Upload => {
                             tracing::info!("last client vanished without NBD_CMD_DISC: pausing");
                             gate.set(GateState::Closed);
-                            if let Err(e) = backend.flush_all().await {
+                            if let Err(e) = gated.inner().flush_all().await {
                                 tracing::warn!(error = %e, "flush before pausing failed");
                             }
                             session.pause().await?;
@@ -196,15 +229,29 @@ pub async fn run(
                     (Direction::Upload, OnInterrupt::Pause) => FinishHow::Pause,
                     (Direction::Upload, OnInterrupt::Cancel) => FinishHow::Cancel,
                 };
-                let mut out = finish(&mut session, &gate, &stop, &mut serving, &backend, how).await?;
+                let mut out = finish(&mut session, &gate, &stop, &mut serving, &gated.inner(), how).await?;
                 out.success = false;
                 break out;
             }
             _ = poll.tick() => {
-                let phase = session.refresh().await?;
+                let phase = match session.refresh().await {
+                    Ok(p) => {
+                        engine_down_since = None;
+                        p
+                    }
+                    Err(e) if !e.is_not_found() => {
+                        let since = *engine_down_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > ENGINE_OUTAGE {
+                            return Err(e);
+                        }
+                        tracing::warn!(error = %e, "cannot read the transfer; retrying");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if phase.is_failing() || phase.is_finished() {
                     gate.set(GateState::Ended);
-                    backend.set_ended();
+                    gated.inner().set_ended();
                     stop.trigger();
                     break Outcome {
                         transfer: session.transfer().id.clone(),
@@ -219,7 +266,7 @@ pub async fn run(
                     last_io = io;
                     last_activity = Instant::now();
                 } else if gate.state() == GateState::Open && last_activity.elapsed() >= keepalive_every {
-                    if let Err(e) = backend.keepalive().await {
+                    if let Err(e) = gated.inner().keepalive().await {
                         tracing::warn!(error = %e, "keepalive failed");
                     }
                     let _ = session.act(super::Action::Extend).await;
@@ -232,7 +279,45 @@ pub async fn run(
     if let Some(task) = serving {
         let _ = task.await;
     }
+    if let Some(p) = progress {
+        p.finish();
+    }
     Ok(outcome)
+}
+
+/// After a resume: if the transfer's data URL changed (the engine chose
+/// another host), connect to the new one and swap it in behind the gate,
+/// which is still closed.
+async fn follow_data_url(
+    session: &TransferSession,
+    gated: &GatedBackend<ImageioBackend>,
+    data_url: &mut String,
+    size: Option<u64>,
+    direction: Direction,
+    tls: &TlsOptions,
+) -> Result<()> {
+    let t = session.transfer();
+    if t.transfer_url.as_ref() == Some(data_url) || t.proxy_url.as_ref() == Some(data_url) {
+        return Ok(());
+    }
+    let (backend, url) = connect_data(session, size, direction, tls).await?;
+    tracing::info!(
+        from = %redact_url(data_url),
+        to = %redact_url(&url),
+        "the transfer moved to another data server"
+    );
+    let old = gated.swap(Arc::new(backend))?;
+    old.set_ended();
+    *data_url = url;
+    Ok(())
+}
+
+/// A ticket URL with the ticket (a bearer secret) cut short.
+fn redact_url(url: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, ticket)) => format!("{base}/{}", crate::telemetry::redact(ticket)),
+        None => url.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,13 +386,13 @@ async fn finish(
 }
 
 /// Open the data connection: the host's `transfer_url`, else the engine's
-/// `proxy_url`.
+/// `proxy_url`; the backend and the URL it uses.
 async fn connect_data(
     session: &TransferSession,
     size: Option<u64>,
     direction: Direction,
     tls: &TlsOptions,
-) -> Result<ImageioBackend> {
+) -> Result<(ImageioBackend, String)> {
     let t = session.transfer();
     let urls: Vec<&String> = t.transfer_url.iter().chain(t.proxy_url.iter()).collect();
     let mut last = None;
@@ -323,7 +408,7 @@ async fn connect_data(
             max_connections: None,
         };
         match ImageioBackend::connect(config).await {
-            Ok(b) => return Ok(b),
+            Ok(b) => return Ok((b, url.clone())),
             Err(e) => {
                 tracing::warn!(error = %e, "data URL unusable, trying the next");
                 last = Some(e);

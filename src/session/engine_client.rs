@@ -47,6 +47,8 @@ pub struct Transfer {
     pub transferred: Option<u64>,
     /// Inactivity timeout in seconds.
     pub inactivity_timeout: Option<u64>,
+    /// `raw` (guest data) or `cow` (the QCOW2 file's own bytes).
+    pub format: Option<String>,
 }
 
 /// What we read of a `disk`.
@@ -82,6 +84,7 @@ struct TransferXml {
     proxy_url: Option<String>,
     transferred: Option<u64>,
     inactivity_timeout: Option<u64>,
+    format: Option<String>,
     disk: Option<LinkXml>,
     image: Option<LinkXml>,
 }
@@ -267,7 +270,11 @@ impl EngineClient {
         parse_transfer(&body)
     }
 
-    /// Start a transfer of `disk_id` (on `host_id` if given).
+    /// Start a transfer of `disk_id` (on `host_id` if given), always with
+    /// `format=raw`: NBD clients read and write guest data, so a QCOW2
+    /// disk must be exposed through the engine's qemu-nbd, never as the
+    /// QCOW2 file's own bytes (without `<format>` the engine would take the
+    /// disk's format).
     ///
     /// # Errors
     /// The engine refused.
@@ -282,6 +289,7 @@ impl EngineClient {
             "  <direction>{}</direction>\n",
             direction.as_str()
         ));
+        xml.push_str("  <format>raw</format>\n");
         xml.push_str(&format!("  <disk id=\"{}\"/>\n", escape(disk_id)));
         if let Some(h) = host_id {
             xml.push_str(&format!("  <host id=\"{}\"/>\n", escape(h)));
@@ -395,6 +403,7 @@ fn parse_transfer(body: &[u8]) -> Result<Transfer> {
         disk_id: t.disk.or(t.image).and_then(|l| l.id),
         transferred: t.transferred,
         inactivity_timeout: t.inactivity_timeout,
+        format: t.format.filter(|f| !f.is_empty()),
     })
 }
 
@@ -483,6 +492,7 @@ mod tests {
         );
         assert_eq!(t.disk_id.as_deref(), Some("d1"));
         assert_eq!(t.transferred, Some(42));
+        assert_eq!(t.format.as_deref(), Some("raw"));
         let odd = br#"<image_transfer id="x"><phase>TRANSFERRING</phase><direction>download</direction></image_transfer>"#;
         let t = parse_transfer(odd).unwrap();
         assert_eq!(

@@ -1,11 +1,13 @@
 //! A backend wrapper that holds requests while the transfer is paused or
-//! resuming, and fails them once it has ended.
+//! resuming, and fails them once it has ended. While the gate is closed the
+//! backend behind it can be swapped: after a resume the transfer may be
+//! served by another data server (real oVirt may pick another host).
 
 use crate::backend::{
     Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, ReadChunk, Result, ZeroFlags,
 };
 use bytes::Bytes;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -53,28 +55,67 @@ impl Gate {
 }
 
 /// `inner`, behind a [`Gate`].
+///
+/// Size and capabilities are the first backend's: the NBD clients were told
+/// them at the handshake, and a backend swapped in must serve the same
+/// image.
 #[derive(Debug)]
 pub struct GatedBackend<B> {
-    inner: Arc<B>,
+    inner: RwLock<Arc<B>>,
+    size: u64,
+    caps: Capabilities,
     gate: Gate,
 }
 
 impl<B: Backend> GatedBackend<B> {
     /// Wrap `inner`.
     pub fn new(inner: Arc<B>, gate: Gate) -> Self {
-        GatedBackend { inner, gate }
+        GatedBackend {
+            size: inner.size(),
+            caps: inner.capabilities(),
+            inner: RwLock::new(inner),
+            gate,
+        }
     }
 
-    /// The wrapped backend.
-    pub fn inner(&self) -> &Arc<B> {
-        &self.inner
+    /// The wrapped backend (the current one).
+    pub fn inner(&self) -> Arc<B> {
+        match self.inner.read() {
+            Ok(b) => Arc::clone(&b),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
     }
 
-    async fn pass(&self) -> Result<()> {
+    /// Put `next` in place of the current backend; the old one is returned.
+    /// Requests that already passed the gate finish on the old one, so swap
+    /// while the gate is closed.
+    ///
+    /// # Errors
+    /// `next` serves an image of another size (nothing is swapped).
+    pub fn swap(&self, next: Arc<B>) -> Result<Arc<B>> {
+        if next.size() != self.size {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "the new data server has an image of {} bytes, not {}",
+                    next.size(),
+                    self.size
+                ),
+            ));
+        }
+        let mut slot = match self.inner.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Ok(std::mem::replace(&mut *slot, next))
+    }
+
+    /// Wait at the gate, then the backend to use.
+    async fn pass(&self) -> Result<Arc<B>> {
         let mut rx = self.gate.subscribe();
         let wait = rx.wait_for(|s| *s != GateState::Closed);
         match tokio::time::timeout(HOLD_DEADLINE, wait).await {
-            Ok(Ok(state)) if *state == GateState::Open => Ok(()),
+            Ok(Ok(state)) if *state == GateState::Open => Ok(self.inner()),
             Ok(_) => Err(Error::new(ErrorKind::Shutdown, "the transfer has ended")),
             Err(_) => Err(Error::new(
                 ErrorKind::Io,
@@ -86,46 +127,39 @@ impl<B: Backend> GatedBackend<B> {
 
 impl<B: Backend> Backend for GatedBackend<B> {
     fn size(&self) -> u64 {
-        self.inner.size()
+        self.size
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        self.caps.clone()
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.pass().await?;
-        self.inner.read(offset, len).await
+        self.pass().await?.read(offset, len).await
     }
 
     async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
-        self.pass().await?;
-        self.inner.read_sparse(offset, len).await
+        self.pass().await?.read_sparse(offset, len).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        self.pass().await?;
-        self.inner.write(offset, data, fua).await
+        self.pass().await?.write(offset, data, fua).await
     }
 
     async fn zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.pass().await?;
-        self.inner.zero(offset, len, flags).await
+        self.pass().await?.zero(offset, len, flags).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.pass().await?;
-        self.inner.trim(offset, len, fua).await
+        self.pass().await?.trim(offset, len, fua).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.pass().await?;
-        self.inner.flush().await
+        self.pass().await?.flush().await
     }
 
     async fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        self.pass().await?;
-        self.inner.cache(offset, len).await
+        self.pass().await?.cache(offset, len).await
     }
 
     async fn extents(
@@ -135,8 +169,10 @@ impl<B: Backend> Backend for GatedBackend<B> {
         len: u64,
         max_count: usize,
     ) -> Result<Vec<Extent>> {
-        self.pass().await?;
-        self.inner.extents(context, offset, len, max_count).await
+        self.pass()
+            .await?
+            .extents(context, offset, len, max_count)
+            .await
     }
 }
 
@@ -161,5 +197,43 @@ mod tests {
         gate.set(GateState::Ended);
         let err = b.read(0, 1).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn a_swapped_backend_serves_the_requests_held_at_the_gate() {
+        let gate = Gate::new(GateState::Open);
+        let first = Arc::new(MemoryBackend::new(4096, false));
+        first
+            .write(0, Bytes::from_static(b"old"), false)
+            .await
+            .unwrap();
+        let b = Arc::new(GatedBackend::new(Arc::clone(&first), gate.clone()));
+        assert_eq!(&b.read(0, 3).await.unwrap()[..], b"old");
+
+        gate.set(GateState::Closed);
+        let b2 = Arc::clone(&b);
+        let held = tokio::spawn(async move { b2.read(0, 3).await });
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished());
+        let second = Arc::new(MemoryBackend::new(4096, false));
+        second
+            .write(0, Bytes::from_static(b"new"), false)
+            .await
+            .unwrap();
+        let old = b.swap(Arc::clone(&second)).unwrap();
+        assert!(Arc::ptr_eq(&old, &first));
+        gate.set(GateState::Open);
+        assert_eq!(&held.await.unwrap().unwrap()[..], b"new");
+        b.write(3, Bytes::from_static(b"!"), false).await.unwrap();
+        assert_eq!(&second.read(0, 4).await.unwrap()[..], b"new!");
+        assert_eq!(&first.read(0, 4).await.unwrap()[..], b"old\0");
+
+        let other_size = Arc::new(MemoryBackend::new(8192, false));
+        let err = b.swap(other_size).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(
+            Arc::ptr_eq(&b.inner(), &second),
+            "a refused swap keeps the backend"
+        );
     }
 }

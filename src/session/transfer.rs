@@ -7,6 +7,7 @@ use crate::ovirt::Phase;
 use crate::ovirt::{Action, Direction};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// How long the engine may take to leave `initializing` / `resuming`, or to
 /// finish a finalize or a cancel.
@@ -36,15 +37,23 @@ pub enum Target {
 pub struct TransferSession {
     client: Arc<EngineClient>,
     current: Transfer,
+    phase: watch::Sender<Phase>,
 }
 
 impl TransferSession {
     /// Create or attach the transfer, and wait until it is `transferring`
     /// (resuming it when it was paused by a user).
     ///
+    /// A transfer whose format is `cow` moves the QCOW2 file's own bytes: an
+    /// NBD client writing guest data into it would corrupt the disk, so it
+    /// is refused unless `allow_cow` (the user wants the container bytes,
+    /// e.g. to copy a QCOW2 file as is). Transfers created here always ask
+    /// for `raw`.
+    ///
     /// # Errors
-    /// The engine refused, or the transfer cannot reach `transferring`.
-    pub async fn open(client: Arc<EngineClient>, target: &Target) -> Result<Self> {
+    /// The engine refused, the transfer is `cow` and not allowed, or it
+    /// cannot reach `transferring`.
+    pub async fn open(client: Arc<EngineClient>, target: &Target, allow_cow: bool) -> Result<Self> {
         let current = match target {
             Target::Disk {
                 disk_id,
@@ -57,8 +66,30 @@ impl TransferSession {
             }
             Target::Transfer(id) => client.transfer(id).await?,
         };
-        tracing::info!(transfer = %current.id, phase = %current.phase, "transfer");
-        let mut session = TransferSession { client, current };
+        tracing::info!(
+            transfer = %current.id,
+            phase = %current.phase,
+            format = current.format.as_deref().unwrap_or("?"),
+            "transfer {}", current.phase
+        );
+        let phase = watch::channel(current.phase).0;
+        let mut session = TransferSession {
+            client,
+            current,
+            phase,
+        };
+        if session.current.format.as_deref() == Some("cow") && !allow_cow {
+            let id = session.current.id.clone();
+            if matches!(target, Target::Disk { .. }) {
+                // We created it: do not leave it behind.
+                let _ = session.act(Action::Cancel).await;
+            }
+            return Err(Error::Config(format!(
+                "transfer {id} has format cow: NBD clients would see the QCOW2 file's own \
+                 bytes, not the guest data; start a transfer with format raw (serve --disk \
+                 does) or pass --allow-cow if the container bytes are really what you want"
+            )));
+        }
         if session.current.phase.is_paused() {
             session.resume().await?;
         } else {
@@ -75,6 +106,11 @@ impl TransferSession {
         &self.current
     }
 
+    /// The phase as last read, as it changes (for the progress display).
+    pub fn phases(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
     /// The engine client.
     pub fn client(&self) -> &Arc<EngineClient> {
         &self.client
@@ -87,8 +123,9 @@ impl TransferSession {
     pub async fn refresh(&mut self) -> Result<Phase> {
         let t = self.client.transfer(&self.current.id).await?;
         if t.phase != self.current.phase {
-            tracing::info!(transfer = %t.id, phase = %t.phase, "phase");
+            tracing::info!(transfer = %t.id, phase = %t.phase, "transfer {}", t.phase);
         }
+        self.phase.send_replace(t.phase);
         self.current = t;
         Ok(self.current.phase)
     }
@@ -124,6 +161,7 @@ impl TransferSession {
                 "the engine could not set up the session (is imageio running on the host?)"
             }
             p if p.is_failing() => "the transfer was cancelled or failed",
+            p if p.is_finished() => "the transfer is over; start a new one with --disk",
             _ => "",
         };
         Err(Error::Phase {
@@ -142,11 +180,14 @@ impl TransferSession {
         self.client.action(&self.current.id, action).await
     }
 
-    /// Pause (uploads): `paused_user`.
+    /// Pause (uploads): `paused_user`; nothing when already paused.
     ///
     /// # Errors
     /// The engine refused.
     pub async fn pause(&mut self) -> Result<()> {
+        if self.current.phase.is_paused() {
+            return Ok(());
+        }
         self.act(Action::Pause).await?;
         self.refresh().await?;
         Ok(())

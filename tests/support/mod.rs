@@ -216,3 +216,127 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
+
+/// The engine REST API as the serve tests drive it: log in, call, create
+/// disks and transfers, read phases.
+pub mod api {
+    use super::engine::{element, first_id, http};
+    use super::wait_until;
+    use std::time::Duration;
+
+    /// An engine at `url` (http) with its admin password file.
+    #[derive(Debug, Clone)]
+    pub struct Api {
+        /// `http://127.0.0.1:PORT/ovirt-engine/api`.
+        pub url: String,
+        /// The admin password file.
+        pub password_file: String,
+    }
+
+    impl Api {
+        /// A bearer token.
+        pub fn token(&self) -> String {
+            let password = std::fs::read_to_string(&self.password_file).unwrap();
+            let form = format!(
+                "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password={}",
+                password.trim()
+            );
+            let (status, _, body) = http(
+                &self.url,
+                "POST",
+                "/ovirt-engine/sso/oauth/token",
+                None,
+                "application/x-www-form-urlencoded",
+                form.as_bytes(),
+            );
+            assert_eq!(status, 200, "login: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+
+        /// One API call: (status, body).
+        pub fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+            let t = self.token();
+            let (status, _, text) = http(
+                &self.url,
+                method,
+                &format!("/ovirt-engine/api{path}"),
+                Some(&t),
+                "application/xml",
+                body.as_bytes(),
+            );
+            (status, text)
+        }
+
+        /// Create a disk (`raw` or `cow`) and wait until it is `ok`; its id.
+        pub fn new_disk(&self, alias: &str, format: &str, size: u64) -> String {
+            let (status, xml) = self.call(
+                "POST",
+                "/disks",
+                &format!(
+                    "<disk><alias>{alias}</alias><format>{format}</format>\
+                     <provisioned_size>{size}</provisioned_size></disk>"
+                ),
+            );
+            assert!((200..300).contains(&status), "add disk: {status} {xml}");
+            let id = first_id(&xml).unwrap().to_string();
+            wait_until("disk ok", Duration::from_secs(30), || {
+                element(&self.call("GET", &format!("/disks/{id}"), "").1, "status") == Some("ok")
+            });
+            id
+        }
+
+        /// Start a transfer of `disk` with the given direction and format;
+        /// its id once it left `initializing`.
+        pub fn new_transfer(&self, disk: &str, direction: &str, format: &str) -> String {
+            let (status, xml) = self.call(
+                "POST",
+                "/imagetransfers",
+                &format!(
+                    "<image_transfer><disk id=\"{disk}\"/><direction>{direction}</direction>\
+                     <format>{format}</format></image_transfer>"
+                ),
+            );
+            assert!((200..300).contains(&status), "add transfer: {status} {xml}");
+            let id = first_id(&xml).unwrap().to_string();
+            wait_until("transfer set up", Duration::from_secs(30), || {
+                self.phase(&id).as_deref() != Some("initializing")
+            });
+            id
+        }
+
+        /// The phase of transfer `id`.
+        pub fn phase(&self, id: &str) -> Option<String> {
+            let (_, xml) = self.call("GET", &format!("/imagetransfers/{id}"), "");
+            element(&xml, "phase").map(str::to_string)
+        }
+
+        /// Run `action` on transfer `id`; the status.
+        pub fn act(&self, id: &str, action: &str) -> u16 {
+            self.call(
+                "POST",
+                &format!("/imagetransfers/{id}/{action}"),
+                "<action/>",
+            )
+            .0
+        }
+
+        /// The phase of the newest transfer of `disk`.
+        pub fn phase_of_disk_transfer(&self, disk: &str) -> Option<String> {
+            let (_, xml) = self.call("GET", "/imagetransfers", "");
+            xml.split("<image_transfer ")
+                .filter(|t| t.contains(&format!("id=\"{disk}\"")))
+                .last()
+                .and_then(|t| element(t, "phase").map(str::to_string))
+        }
+
+        /// The id of the newest transfer of `disk`.
+        pub fn transfer_of_disk(&self, disk: &str) -> Option<String> {
+            let (_, xml) = self.call("GET", "/imagetransfers", "");
+            xml.split("<image_transfer ")
+                .filter(|t| t.contains(&format!("id=\"{disk}\"")))
+                .last()
+                .and_then(|t| first_id(&format!(" {t}")).map(str::to_string))
+        }
+    }
+}
