@@ -6,6 +6,11 @@
 #   - nbdcopy read through nbdkit's curl plugin and through
 #     `nbdbridge serve --imageio-url`, both reading the same ticket of one
 #     `nbdbridge imageio` data server.
+# Reads are measured warm (the image in the page cache, as qemu-nbd finds a
+# file it has just written) and, when this runs as root, cold (caches
+# dropped first, the disk read by both). Our data server writes with
+# O_DIRECT, so without the warm pass the bridge would read cold against a
+# warm qemu-nbd.
 # Prints MB/s, the ratios bridge/qemu-nbd and bridge/nbdkit-curl, and the
 # bridge's peak RSS.
 #
@@ -57,9 +62,12 @@ start() {
     done
     die "no contract line from: $*"
 }
+can_drop() { [ -w /proc/sys/vm/drop_caches ]; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+warm() { find "$@" -type f -size +1M -exec cat {} + > /dev/null; }
 peak_rss() { awk '/VmHWM/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-BRIDGE_W=() BRIDGE_R=() QEMU_W=() QEMU_R=() CURL_R=() URL_R=() RSS=0
+BRIDGE_W=() BRIDGE_R=() BRIDGE_RC=() QEMU_W=() QEMU_R=() QEMU_RC=() CURL_R=() URL_R=() RSS=0
 DATA=$WORK/data
 for ((rep = 1; rep <= REPS; rep++)); do
     disk=bench$rep
@@ -69,6 +77,14 @@ for ((rep = 1; rep <= REPS; rep++)); do
     r=$(peak_rss "$PID"); RSS=$((r > RSS ? r : RSS))
     wait "$PID" || die "upload serve failed (see $WORK/log)"
     BRIDGE_W+=("$(mbps "$t0" "$t1")")
+    if can_drop; then
+        drop_caches
+        start "$BIN" serve --disk "$disk" --direction download --data-dir "$DATA" --socket "$WORK/down.sock"
+        t0=$(now); nbdcopy "$LINE" null:; t1=$(now)
+        wait "$PID" || die "download serve failed (see $WORK/log)"
+        BRIDGE_RC+=("$(mbps "$t0" "$t1")")
+    fi
+    warm "$DATA/images"
     start "$BIN" serve --disk "$disk" --direction download --data-dir "$DATA" --socket "$WORK/down.sock"
     t0=$(now); nbdcopy "$LINE" null:; t1=$(now)
     r=$(peak_rss "$PID"); RSS=$((r > RSS ? r : RSS))
@@ -83,10 +99,16 @@ for ((rep = 1; rep <= REPS; rep++)); do
     QEMU_W+=("$(mbps "$t0" "$t1")")
     t0=$(now); nbdcopy "nbd+unix:///?socket=$WORK/q.sock" null:; t1=$(now)
     QEMU_R+=("$(mbps "$t0" "$t1")")
+    if can_drop; then
+        drop_caches
+        t0=$(now); nbdcopy "nbd+unix:///?socket=$WORK/q.sock" null:; t1=$(now)
+        QEMU_RC+=("$(mbps "$t0" "$t1")")
+    fi
     kill -TERM "$QPID"; wait "$QPID" 2>/dev/null || true; rm -f "$WORK/q.sock" "$IMG"
 
     # One data server; nbdkit-curl and the bridge read the same ticket.
     rm -f "$WORK/ctl.sock" "$WORK/local.sock"
+    warm "$SRC"
     start "$BIN" imageio --listen 127.0.0.1:0 --control-socket "$WORK/ctl.sock" --local-socket "$WORK/local.sock"
     IPID=$PID; BASE=$LINE
     curl -sf --unix-socket "$WORK/ctl.sock" -X PUT "http://localhost/tickets/bench$rep" \
@@ -107,13 +129,18 @@ for ((rep = 1; rep <= REPS; rep++)); do
 done
 
 bw=$(median "${BRIDGE_W[@]}"); br=$(median "${BRIDGE_R[@]}")
+brc=$(median "${BRIDGE_RC[@]:-0}"); qrc=$(median "${QEMU_RC[@]:-0}")
 qw=$(median "${QEMU_W[@]}"); qr=$(median "${QEMU_R[@]}")
 cr=$(median "${CURL_R[@]}"); ur=$(median "${URL_R[@]}")
 echo
 echo "nbdcopy through the bridge, ${SIZE_MIB} MiB, median of $REPS, $(nproc) cores"
-printf '%-34s %10s MB/s\n' "bridge write (embedded pipeline)" "$bw" "bridge read (embedded pipeline)" "$br" \
-    "qemu-nbd write" "$qw" "qemu-nbd read" "$qr" "nbdkit-curl read (same data server)" "$cr" \
-    "serve --imageio-url read (same)" "$ur"
-echo "ratio bridge/qemu-nbd: write $(echo "scale=2; $bw / $qw" | bc), read $(echo "scale=2; $br / $qr" | bc)"
+printf '%-38s %10s MB/s\n' "bridge write (embedded pipeline)" "$bw" \
+    "bridge read warm (embedded pipeline)" "$br" "bridge read cold (embedded pipeline)" "$brc" \
+    "qemu-nbd write" "$qw" "qemu-nbd read warm" "$qr" "qemu-nbd read cold" "$qrc" \
+    "nbdkit-curl read (same data server)" "$cr" "serve --imageio-url read (same)" "$ur"
+echo "ratio bridge/qemu-nbd: write $(echo "scale=2; $bw / $qw" | bc), read warm $(echo "scale=2; $br / $qr" | bc)"
+if can_drop; then
+    echo "ratio bridge/qemu-nbd read cold: $(echo "scale=2; $brc / $qrc" | bc)"
+fi
 echo "ratio bridge/nbdkit-curl read: embedded $(echo "scale=2; $br / $cr" | bc), --imageio-url $(echo "scale=2; $ur / $cr" | bc)"
 echo "bridge peak RSS (VmHWM): $((RSS / 1024)) MiB"
