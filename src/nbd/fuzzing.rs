@@ -154,6 +154,36 @@ mod tests {
         assert_eq!(replies.len(), 3);
     }
 
+    /// Sessions of real clients (qemu-img, qemu-io, nbdinfo, nbdcopy)
+    /// captured by `fuzz/capture_seeds.py`, replayed through the server:
+    /// each one opens the export (GO acknowledged) and ends within the
+    /// deadline. They are the fuzz target's seeds too.
+    #[test]
+    fn captured_client_sessions_replay() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/handshake");
+        let mut seeds: Vec<_> = std::fs::read_dir(&dir)
+            .expect("fuzz/seeds/handshake")
+            .map(|e| e.expect("seed entry").path())
+            .collect();
+        seeds.sort();
+        assert!(seeds.len() >= 8, "seeds in {}: {seeds:?}", dir.display());
+        let mut go_ack = NBD_REP_MAGIC.to_be_bytes().to_vec();
+        go_ack.extend_from_slice(&NBD_OPT_GO.to_be_bytes());
+        go_ack.extend_from_slice(&NBD_REP_ACK.to_be_bytes());
+        for seed in seeds {
+            let input = std::fs::read(&seed).expect("seed");
+            let out = client_bytes(&input);
+            let name = seed.display();
+            assert!(out.starts_with(b"NBDMAGIC"), "{name}: no greeting");
+            if !name.to_string().contains("list") {
+                assert!(
+                    out.windows(go_ack.len()).any(|w| w == go_ack.as_slice()),
+                    "{name}: the export was not opened"
+                );
+            }
+        }
+    }
+
     #[test]
     fn garbage_ends_quietly() {
         for input in [
