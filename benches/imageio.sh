@@ -4,6 +4,8 @@
 #   curl GET of the whole image (cold: the image's pages dropped from the
 #   page cache first; and warm), curl PUT of the whole image (flush=y),
 #   imageio client download (raw, cold) and upload.
+# Last, the disk's own ceiling (dd with O_DIRECT) for the cold read and the
+# flushed write, which bound both servers.
 # Prints MB/s per workload and server, and the ratio ours/daemon.
 #
 # usage: [REPS=2] benches/imageio.sh [SIZE_MIB]   (default 2048; best of REPS runs)
@@ -152,3 +154,12 @@ for w in curl-get curl-get-warm curl-put client-download client-upload; do
     printf '%-16s %12s %12s %7.2fx\n' "$w" "$o" "$d" "$(awk -v o="$o" -v d="$d" 'BEGIN { print o / d }')"
 done
 echo "peak RSS of our server: $(awk '/VmHWM/ { print $2, $3 }' /proc/"${pids[0]}"/status)"
+# The hardware's ceiling for the disk-bound workloads, same file system, same
+# size: what no server can beat on a cold read or a flushed write.
+uncache "$work/src.raw"
+t0=$(now); dd if="$work/src.raw" of=/dev/null bs=8M iflag=direct status=none; t1=$(now)
+dr=$(mbps "$size" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
+t0=$(now); dd if="$work/src.raw" of="$work/ceiling.raw" bs=8M oflag=direct conv=fsync status=none; t1=$(now)
+dw=$(mbps "$size" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
+rm -f "$work/ceiling.raw"
+echo "disk ceiling (dd, 8 MiB O_DIRECT): read ${dr} MB/s, write ${dw} MB/s"
