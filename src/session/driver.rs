@@ -358,7 +358,8 @@ pub fn redact_url(url: &str) -> String {
 /// `message` with every appearance of `url`'s ticket cut short (transport
 /// errors quote the whole URL).
 pub fn scrub(message: &str, url: &str) -> String {
-    match url.trim_end_matches('/').rsplit_once('/') {
+    let path = url.split_once("://").map_or(url, |(_, rest)| rest);
+    match path.trim_end_matches('/').rsplit_once('/') {
         Some((_, ticket)) if !ticket.is_empty() => {
             message.replace(ticket, &crate::telemetry::redact(ticket))
         }
@@ -542,5 +543,26 @@ pub async fn check_dirty(backend: &ImageioBackend, name: &str) -> crate::backend
                  download transfers of an incremental backup"
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{redact_url, scrub};
+
+    #[test]
+    fn tickets_are_cut_short_in_urls_and_messages() {
+        let url = "http://127.0.0.1:9/images/0123456789abcdef";
+        assert_eq!(redact_url(url), "http://127.0.0.1:9/images/01234567…");
+        let msg = format!("OPTIONS: error sending request for url ({url}): refused");
+        assert_eq!(
+            scrub(&msg, url),
+            "OPTIONS: error sending request for url (http://127.0.0.1:9/images/01234567…): refused"
+        );
+        assert_eq!(scrub("no url here", url), "no url here");
+        assert_eq!(
+            scrub("host:54322 kept", "http://host:54322/"),
+            "host:54322 kept"
+        );
     }
 }
