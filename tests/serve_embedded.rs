@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::{Proc, bin, require, run_ok};
 
+/// `serve --data-dir DATA --socket SOCK ARGS`, its stderr in `SOCK.log`.
 fn serve(data: &Path, sock: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin());
     cmd.arg("serve")
@@ -15,8 +16,69 @@ fn serve(data: &Path, sock: &Path, args: &[&str]) -> Proc {
         .arg(data)
         .arg("--socket")
         .arg(sock)
-        .args(args);
+        .args(args)
+        .stderr(std::fs::File::create(log_path(sock)).unwrap());
     Proc::start_announcing("nbdbridge serve (embedded)", cmd)
+}
+
+fn log_path(sock: &Path) -> std::path::PathBuf {
+    sock.with_extension("log")
+}
+
+/// Wait for `serve` on `sock` to exit; assert exit 0 and that it logged
+/// the transfer's `finished_success`.
+fn assert_finished(mut serve: Proc, sock: &Path, what: &str) {
+    let status = serve.wait_exit(Duration::from_secs(60));
+    let log = std::fs::read_to_string(log_path(sock)).unwrap_or_default();
+    assert!(status.success(), "{what} serve: {status}\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("transfer finished_success ")),
+        "{what}: the transfer finished_success:\n{log}"
+    );
+}
+
+/// `serve --disk NAME --size SIZE` in `dir`, a probe, `qemu-img convert -n
+/// -f FORMAT -O raw SRC URI`: serve finalizes and exits 0.
+fn upload(data: &Path, dir: &Path, name: &str, size: &str, src: &Path, format: &str) {
+    let sock = dir.join(format!("up-{name}.sock"));
+    let up = serve(data, &sock, &["--disk", name, "--size", size]);
+    let uri = up.first_line.clone();
+    assert!(uri.starts_with("nbd+unix:///"), "{uri}");
+    // A probe does not end the transfer.
+    run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", format, "-O", "raw"])
+            .arg(src)
+            .arg(&uri),
+    );
+    assert_finished(up, &sock, "upload");
+}
+
+/// `serve --disk NAME --direction download` in `dir`: `check` looks at the
+/// URI first, then `qemu-img compare -f FORMAT -F raw SRC URI` says
+/// identical and serve finalizes and exits 0.
+fn download_compare(
+    data: &Path,
+    dir: &Path,
+    name: &str,
+    src: &Path,
+    format: &str,
+    check: impl FnOnce(&str),
+) {
+    let sock = dir.join(format!("down-{name}.sock"));
+    let down = serve(data, &sock, &["--disk", name, "--direction", "download"]);
+    let uri = down.first_line.clone();
+    check(&uri);
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", format, "-F", "raw"])
+            .arg(src)
+            .arg(&uri),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
+    assert_finished(down, &sock, "download");
 }
 
 /// A sparse qcow2 source: 64 MiB virtual, 3 MiB of data.
@@ -47,6 +109,16 @@ fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
 
+/// The one image file of the embedded data dir.
+fn only_image(data: &Path) -> std::path::PathBuf {
+    let images: Vec<_> = std::fs::read_dir(data.join("images"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    images.into_iter().next().unwrap()
+}
+
 #[test]
 fn qcow2_upload_finalizes_and_downloads_identical_with_holes_kept() {
     if !(require("qemu-img") && require("qemu-io") && require("nbdinfo")) {
@@ -57,53 +129,58 @@ fn qcow2_upload_finalizes_and_downloads_identical_with_holes_kept() {
     let src = tmp.path().join("src.qcow2");
     sparse_qcow2(&src);
 
-    let mut up = serve(
-        &data,
-        &tmp.path().join("up.sock"),
-        &["--disk", "demo", "--size", "64M"],
-    );
-    let uri = up.first_line.clone();
-    assert!(uri.starts_with("nbd+unix:///"), "{uri}");
-    // A probe does not end the transfer.
-    run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "qcow2", "-O", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    let status = up.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "upload serve: {status}");
-
-    let images: Vec<_> = std::fs::read_dir(data.join("images"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    assert_eq!(images.len(), 1, "{images:?}");
-    let used = allocated(&images[0]);
+    upload(&data, tmp.path(), "demo", "64M", &src, "qcow2");
+    let used = allocated(&only_image(&data));
     assert!(
         used < 16 << 20,
         "holes stayed holes: {used} bytes allocated"
     );
 
-    let mut down = serve(
-        &data,
-        &tmp.path().join("down.sock"),
-        &["--disk", "demo", "--direction", "download"],
+    download_compare(&data, tmp.path(), "demo", &src, "qcow2", |uri| {
+        let map = run_ok(Command::new("nbdinfo").arg("--map").arg(uri));
+        let map = String::from_utf8_lossy(&map.stdout);
+        assert!(map.contains("hole,zero") && map.contains("data"), "{map}");
+    });
+}
+
+/// A raw source of 40 MiB + 1.5 KiB (a multiple of 512, not of 1 MiB):
+/// data at both ends, a hole in the middle. The disk gets exactly its
+/// size and bytes.
+#[test]
+fn raw_upload_of_an_odd_size_finalizes_and_downloads_identical() {
+    if !(require("qemu-img") && require("nbdinfo")) {
+        return;
+    }
+    const SIZE: usize = (40 << 20) + 3 * 512;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let src = tmp.path().join("src.raw");
+    let mut bytes = support::pattern(21, 1 << 20);
+    bytes.resize(SIZE - (64 << 10) - 1536, 0);
+    bytes.extend_from_slice(&support::pattern(22, (64 << 10) + 1536));
+    assert_eq!(bytes.len(), SIZE);
+    std::fs::write(&src, &bytes).unwrap();
+
+    upload(&data, tmp.path(), "odd", &SIZE.to_string(), &src, "raw");
+    let image = only_image(&data);
+    assert!(
+        std::fs::read(&image).unwrap() == bytes,
+        "the disk holds exactly the source"
     );
-    let uri = down.first_line.clone();
-    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(&uri));
-    let map = String::from_utf8_lossy(&map.stdout);
-    assert!(map.contains("hole,zero") && map.contains("data"), "{map}");
-    let out = run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(&src)
-            .arg(&uri),
+    assert!(
+        allocated(&image) < 8 << 20,
+        "the hole stayed a hole: {} bytes allocated",
+        allocated(&image)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
-    let status = down.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "download serve: {status}");
+
+    download_compare(&data, tmp.path(), "odd", &src, "raw", |uri| {
+        let out = run_ok(Command::new("nbdinfo").arg("--size").arg(uri));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            SIZE.to_string(),
+            "the disk has the source's size"
+        );
+    });
 }
 
 #[test]

@@ -604,3 +604,230 @@ fn after_a_resume_the_bridge_follows_a_new_data_url() {
         "the disk holds exactly the source"
     );
 }
+
+/// `serve --engine-url URL --password-file PW ARGS` that must fail: its
+/// stderr (exit non-zero and no URI checked).
+fn serve_fails(url: &str, password_file: &str, dir: &Path, args: &[&str]) -> String {
+    let out = support::output_within(
+        Command::new(bin())
+            .arg("serve")
+            .args(["--engine-url", url, "--password-file", password_file])
+            .arg("--socket")
+            .arg(dir.join("failing.sock"))
+            .args(args),
+        Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "serve must fail:\n{err}");
+    assert!(out.stdout.is_empty(), "no URI is printed:\n{err}");
+    err
+}
+
+/// The line of `log` that says why serve failed (`nbdbridge: ...`).
+fn failure_line(log: &str) -> &str {
+    log.lines()
+        .rev()
+        .find(|l| l.starts_with("nbdbridge: "))
+        .unwrap_or_else(|| panic!("no failure line in:\n{log}"))
+}
+
+#[test]
+fn an_engine_that_is_down_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/ovirt-engine/api",
+        support::closed_port()
+    );
+    let err = serve_fails(&url, &pw.to_string_lossy(), dir.path(), &["--disk", "d1"]);
+    let line = failure_line(&err);
+    assert!(
+        line.contains(&format!("cannot log in to the engine at {url}"))
+            && line.contains("Connection refused"),
+        "{err}"
+    );
+}
+
+/// A host whose data URL points at a closed port (its ticket control API
+/// works): a new upload transfer cannot be served, so serve pauses it,
+/// names the URL (ticket cut short) and how to resume, and exits 1; a new
+/// download transfer is cancelled and its disk kept.
+#[test]
+fn a_new_transfer_whose_data_url_is_down_is_paused_and_named() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let imageio = support::engine::Imageio::start(&tmp.path().join("imageio"));
+    let dead = format!("http://127.0.0.1:{}", support::closed_port());
+    let host = format!("h1={},{dead}", imageio.control.display());
+    let data = tmp.path().join("engine");
+    let engine = support::engine::Engine::start(&data, &[host], &[]);
+    let api = support::api::Api {
+        url: engine.url.clone(),
+        password_file: engine.password_file.to_string_lossy().into_owned(),
+    };
+    let disk = api.new_disk("dead", "raw", SIZE);
+
+    let err = serve_fails(&api.url, &api.password_file, tmp.path(), &["--disk", &disk]);
+    let id = api.transfer_of_disk(&disk).unwrap();
+    assert_eq!(api.phase(&id).as_deref(), Some("paused_user"), "{err}");
+    let line = failure_line(&err);
+    assert!(
+        line.contains(&format!(
+            "cannot use the transfer's data server: {dead}/images/"
+        )) && line.contains('…')
+            && line.contains("Connection refused")
+            && line.contains(&format!("--transfer {id}")),
+        "{err}"
+    );
+
+    // (The paused upload keeps its disk locked: download another one.)
+    let other = api.new_disk("dead2", "raw", SIZE);
+    let err = serve_fails(
+        &api.url,
+        &api.password_file,
+        tmp.path(),
+        &["--disk", &other, "--direction", "download"],
+    );
+    let down = api.transfer_of_disk(&other).unwrap();
+    let line = failure_line(&err);
+    assert!(
+        line.contains(&format!("{dead}/images/")) && line.contains("cancelled"),
+        "{err}"
+    );
+    let phase = api.phase(&down).unwrap_or_default();
+    assert!(
+        phase.starts_with("finished_failure") || phase.starts_with("cancelled"),
+        "{phase}"
+    );
+    assert_eq!(
+        api.call("GET", &format!("/disks/{other}"), "").0,
+        200,
+        "a cancelled download keeps its disk"
+    );
+}
+
+/// The engine restarts (same port) with host `h1`'s data URL now on a
+/// closed port: when a client comes back, the resumed transfer cannot be
+/// served, so serve pauses it again and exits 1 naming the new URL.
+#[test]
+fn after_a_resume_an_unreachable_data_url_pauses_again() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let imageio = support::engine::Imageio::start(&tmp.path().join("imageio"));
+    let data = tmp.path().join("engine");
+    let engine = support::engine::Engine::start(&data, &[imageio.host_arg("h1")], &[]);
+    let api = support::api::Api {
+        url: engine.url.clone(),
+        password_file: engine.password_file.to_string_lossy().into_owned(),
+    };
+    let disk = api.new_disk("unreachable", "raw", SIZE);
+    let log = tmp.path().join("serve.log");
+    let mut bridge = serve_logged(
+        &api.url,
+        &api.password_file,
+        &tmp.path().join("nbd.sock"),
+        &log,
+        &["--disk", &disk],
+    );
+    let uri = bridge.first_line.clone();
+    // A client that writes, flushes and dies without NBD_CMD_DISC.
+    let script = format!(
+        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
+         h.pwrite(b'x' * 65536, 0)\nh.flush()\nos._exit(0)\n"
+    );
+    run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
+    wait_until("paused_user", Duration::from_secs(30), || {
+        api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
+    });
+    let id = api.transfer_of_disk(&disk).unwrap();
+
+    let port = engine
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    drop(engine);
+    let dead = format!("http://127.0.0.1:{}", support::closed_port());
+    let mut cmd = Command::new(bin());
+    cmd.arg("engine")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--host")
+        .arg(format!("h1={},{dead}", imageio.control.display()));
+    let _engine = Proc::start_announcing("nbdbridge engine (restarted)", cmd);
+
+    // A client comes back: its read is held, then fails when serve gives up.
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
+         try:\n    h.pread(512, 0)\n    print('read')\nexcept nbd.Error as e:\n    print('failed', e)\n"
+    );
+    let client = support::output_within(
+        Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script),
+        Duration::from_secs(60),
+    );
+    let status = bridge.wait_exit(Duration::from_secs(60));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "serve gives up: {status}\n{err}");
+    assert!(
+        String::from_utf8_lossy(&client.stdout).starts_with("failed"),
+        "the held read fails: {client:?}"
+    );
+    assert_eq!(api.phase(&id).as_deref(), Some("paused_user"), "{err}");
+    let line = failure_line(&err);
+    assert!(
+        line.contains(&format!(
+            "cannot use the transfer's data server: {dead}/images/"
+        )) && line.contains(&format!("--transfer {id}")),
+        "{err}"
+    );
+}
+
+/// `--dirty-bitmap` with engine modes: refused with `--disk` (serve never
+/// creates backup transfers); with `--transfer ID` of a plain download
+/// (no dirty extents) a clear start-up error, the transfer left as it was.
+#[test]
+fn dirty_bitmap_needs_a_backup_transfer() {
+    if !have_tools() {
+        return;
+    }
+    let setup = Setup::start(&[], &[]);
+    let api = api_of(&setup);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = api.new_disk("nodirty", "raw", SIZE);
+    let err = serve_fails(
+        &setup.engine.url,
+        &setup.password_file,
+        dir.path(),
+        &["--disk", &disk, "--dirty-bitmap", "b1"],
+    );
+    assert!(
+        failure_line(&err)
+            .contains("--dirty-bitmap b1 needs the download transfer of an incremental backup"),
+        "{err}"
+    );
+    assert_eq!(api.transfer_of_disk(&disk), None, "no transfer was created");
+
+    let id = api.new_transfer(&disk, "download", "raw");
+    let err = serve_fails(
+        &setup.engine.url,
+        &setup.password_file,
+        dir.path(),
+        &["--transfer", &id, "--dirty-bitmap", "b1"],
+    );
+    let line = failure_line(&err);
+    assert!(
+        line.contains("no dirty extents for qemu:dirty-bitmap:b1")
+            && line.contains("Ticket does not support dirty extents")
+            && line.contains(&format!("transfer {id} is left transferring")),
+        "{err}"
+    );
+    assert_eq!(api.phase(&id).as_deref(), Some("transferring"));
+}

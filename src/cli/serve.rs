@@ -6,9 +6,10 @@ use nbdbridge::Backend;
 use nbdbridge::backend::file::FileBackend;
 use nbdbridge::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use nbdbridge::engine::{self, Engine, embedded};
+use nbdbridge::nbd::consts::QEMU_DIRTY_BITMAP;
 use nbdbridge::nbd::{Export, Exports, Listener, Server};
 use nbdbridge::progress::{Progress, Sample};
-use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt};
+use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt, redact_url, scrub};
 use nbdbridge::session::{Direction, EngineClient, EngineConfig, Target};
 use nbdbridge::shutdown::{self, Shutdown};
 use std::path::PathBuf;
@@ -91,6 +92,13 @@ pub struct ServeArgs {
     /// Export description shown by `nbdinfo --list`.
     #[arg(long)]
     description: Option<String>,
+    /// Serve the ticket's dirty extents (`GET extents?context=dirty`) as the
+    /// NBD meta context `qemu:dirty-bitmap:NAME`, for incremental backup
+    /// tools. With `--imageio-url` (a ticket with `"dirty": true`) or
+    /// `--engine-url --transfer ID` (the download transfer of an incremental
+    /// backup); a ticket without dirty extents is refused at the start.
+    #[arg(long, value_name = "NAME", value_parser = parse_bitmap)]
+    dirty_bitmap: Option<String>,
 }
 
 /// Transfer direction.
@@ -128,6 +136,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A bitmap name (`qemu:dirty-bitmap:` in front is accepted and dropped).
+fn parse_bitmap(s: &str) -> Result<String, String> {
+    let name = s.strip_prefix(QEMU_DIRTY_BITMAP).unwrap_or(s);
+    if name.is_empty() {
+        return Err("the bitmap name is empty".into());
+    }
+    if name.len() + QEMU_DIRTY_BITMAP.len() > 4096 {
+        return Err("the bitmap name is longer than NBD allows".into());
+    }
+    Ok(name.to_string())
+}
+
 /// What an interrupt does to an upload.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum InterruptArg {
@@ -137,6 +157,22 @@ enum InterruptArg {
 
 /// Serve until SIGINT / SIGTERM, then finish in-flight requests and flush.
 pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
+    if let Some(name) = &args.dirty_bitmap {
+        if args.disk.is_some() {
+            return Err(format!(
+                "--dirty-bitmap {name} needs the download transfer of an incremental backup, \
+                 and the transfer serve creates for --disk is never one (it has no dirty \
+                 extents); attach one with --engine-url ... --transfer ID, or serve its \
+                 ticket with --imageio-url"
+            )
+            .into());
+        }
+        if args.file.is_some() {
+            return Err(
+                format!("--dirty-bitmap {name}: a local file keeps no dirty bitmap").into(),
+            );
+        }
+    }
     if let Some(url) = &args.engine_url {
         return serve_transfer(&args, url).await;
     }
@@ -155,7 +191,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
             size: args.size,
             read_only: args.read_only,
             sparse: args.sparse.then_some(true),
-            dirty_bitmap: None,
+            dirty_bitmap: args.dirty_bitmap.clone(),
             tls: TlsOptions {
                 insecure: args.insecure,
                 ca_file: args.ca_file.clone(),
@@ -163,9 +199,18 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
             use_unix_socket: true,
             max_connections: None,
         };
-        let backend = ImageioBackend::connect(config)
-            .await
-            .map_err(|e| format!("cannot use {}: {e}", redact_url(url)))?;
+        let cannot = |e: nbdbridge::backend::Error| {
+            format!(
+                "cannot use {}: {}",
+                redact_url(url),
+                scrub(&e.to_string(), url)
+            )
+        };
+        let backend = ImageioBackend::connect(config).await.map_err(cannot)?;
+        if let Some(name) = &args.dirty_bitmap {
+            driver::check_dirty(&backend, name).await.map_err(cannot)?;
+            tracing::info!(context = %format!("{QEMU_DIRTY_BITMAP}{name}"), "dirty extents");
+        }
         tracing::info!(url = %redact_url(url), size = backend.size(), "imageio ticket");
         return serve(&args, Arc::new(backend)).await;
     }
@@ -280,6 +325,7 @@ async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptio
         },
         allow_cow: args.allow_cow,
         progress: nbdbridge::progress::stderr_is_terminal(),
+        dirty_bitmap: args.dirty_bitmap.clone(),
     })
 }
 
@@ -310,7 +356,8 @@ async fn serve_transfer(args: &ServeArgs, url: &str) -> Result<ExitCode, CliErro
         password: password.trim_end_matches(['\n', '\r']).to_string(),
         tls: tls.clone(),
     })
-    .await?;
+    .await
+    .map_err(|e| format!("cannot log in to the engine at {url}: {e}"))?;
     let target = match (&args.disk, &args.transfer) {
         (Some(disk), _) => Target::Disk {
             disk_id: disk.clone(),
@@ -385,17 +432,18 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// A ticket URL with the ticket (a bearer secret) cut short.
-fn redact_url(url: &str) -> String {
-    match url.rsplit_once('/') {
-        Some((base, ticket)) => format!("{base}/{}", nbdbridge::telemetry::redact(ticket)),
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_bitmap, parse_size};
+
+    #[test]
+    fn bitmap_names() {
+        assert_eq!(parse_bitmap("b1").as_deref(), Ok("b1"));
+        assert_eq!(parse_bitmap("qemu:dirty-bitmap:b1").as_deref(), Ok("b1"));
+        assert!(parse_bitmap("").is_err());
+        assert!(parse_bitmap("qemu:dirty-bitmap:").is_err());
+        assert!(parse_bitmap(&"x".repeat(4096)).is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -10,14 +10,20 @@
 //!   (or cancel it) / finalize a download, exit non-zero;
 //! - after a resume the transfer may be served by another data server: the
 //!   backend behind the gate is swapped before requests pass again;
+//! - a data server that cannot be used (at the start or after a resume):
+//!   pause an upload (a download the bridge created is cancelled), exit
+//!   non-zero naming the URLs tried, tickets redacted;
+//! - `dirty_bitmap`: the ticket's dirty extents are served as
+//!   `qemu:dirty-bitmap:<name>`; a ticket without them is refused at the
+//!   start (only incremental backup transfers have them);
 //! - on a terminal, a progress line (bytes, rate, phase).
 
 use super::engine_client::EngineClient;
 use super::error::{Error, Result};
 use super::gate::{Gate, GateState, GatedBackend};
 use super::transfer::{Target, TransferSession};
-use crate::backend::Backend;
 use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
+use crate::backend::{Backend, ExtentContext};
 use crate::nbd::{End, Export, Exports, Listener, Observer, Server};
 use crate::ovirt::Direction;
 use crate::ovirt::Phase;
@@ -58,6 +64,8 @@ pub struct DriverOptions {
     pub allow_cow: bool,
     /// Draw the progress line (when stderr is a terminal).
     pub progress: bool,
+    /// Serve the ticket's dirty extents as `qemu:dirty-bitmap:<name>`.
+    pub dirty_bitmap: Option<String>,
 }
 
 /// How a transfer `serve` ended.
@@ -111,7 +119,19 @@ pub async fn run(
         Some(id) => client.disk(id).await?.provisioned_size,
         None => None,
     };
-    let (backend, mut data_url) = connect_data(&session, size, direction, &options.tls).await?;
+    let data = DataOptions {
+        size,
+        direction,
+        tls: options.tls.clone(),
+        dirty_bitmap: options.dirty_bitmap.clone(),
+    };
+    let (backend, mut data_url) = match connect_data(&session, &data).await {
+        Ok(found) => found,
+        Err(e) => {
+            let created = matches!(target, Target::Disk { .. });
+            return Err(leave_transfer(&mut session, created, e).await);
+        }
+    };
     let gate = Gate::new(GateState::Open);
     let gated = Arc::new(GatedBackend::new(Arc::new(backend), gate.clone()));
     let export = Export::new(options.export_name.clone(), None, Arc::clone(&gated));
@@ -175,7 +195,18 @@ pub async fn run(
                     if gate.state() == GateState::Closed {
                         tracing::info!("a client is back: resuming");
                         session.resume().await?;
-                        follow_data_url(&session, &gated, &mut data_url, size, direction, &options.tls).await?;
+                        if let Err(e) = follow_data_url(&session, &gated, &mut data_url, &data).await {
+                            gate.set(GateState::Ended);
+                            gated.inner().set_ended();
+                            stop.trigger();
+                            let e = leave_transfer(&mut session, false, e).await;
+                            break Outcome {
+                                transfer: session.transfer().id.clone(),
+                                phase: session.transfer().phase,
+                                success: false,
+                                message: e.to_string(),
+                            };
+                        }
                         gate.set(GateState::Open);
                     }
                 }
@@ -292,32 +323,86 @@ async fn follow_data_url(
     session: &TransferSession,
     gated: &GatedBackend<ImageioBackend>,
     data_url: &mut String,
-    size: Option<u64>,
-    direction: Direction,
-    tls: &TlsOptions,
+    data: &DataOptions,
 ) -> Result<()> {
     let t = session.transfer();
     if t.transfer_url.as_ref() == Some(data_url) || t.proxy_url.as_ref() == Some(data_url) {
         return Ok(());
     }
-    let (backend, url) = connect_data(session, size, direction, tls).await?;
+    let (backend, url) = connect_data(session, data).await?;
     tracing::info!(
         from = %redact_url(data_url),
         to = %redact_url(&url),
         "the transfer moved to another data server"
     );
-    let old = gated.swap(Arc::new(backend))?;
+    let old = gated.swap(Arc::new(backend)).map_err(|e| {
+        Error::DataServer(format!(
+            "{}: {}",
+            redact_url(&url),
+            scrub(&e.to_string(), &url)
+        ))
+    })?;
     old.set_ended();
     *data_url = url;
     Ok(())
 }
 
 /// A ticket URL with the ticket (a bearer secret) cut short.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match url.rsplit_once('/') {
         Some((base, ticket)) => format!("{base}/{}", crate::telemetry::redact(ticket)),
         None => url.to_string(),
     }
+}
+
+/// `message` with every appearance of `url`'s ticket cut short (transport
+/// errors quote the whole URL).
+pub fn scrub(message: &str, url: &str) -> String {
+    let path = url.split_once("://").map_or(url, |(_, rest)| rest);
+    match path.trim_end_matches('/').rsplit_once('/') {
+        Some((_, ticket)) if !ticket.is_empty() => {
+            message.replace(ticket, &crate::telemetry::redact(ticket))
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// The data server cannot be used: leave the transfer where a later
+/// `serve --transfer ID` can pick it up, and say so. An upload is paused (a
+/// cancel would remove its disk); a download the bridge created is
+/// cancelled (downloads cannot pause); one it attached to is left alone.
+async fn leave_transfer(session: &mut TransferSession, created: bool, err: Error) -> Error {
+    let id = session.transfer().id.clone();
+    let direction = session.transfer().direction;
+    tracing::warn!(transfer = %id, error = %err, "the data server cannot be used");
+    let what = match direction {
+        Direction::Upload => match session.pause().await {
+            Ok(()) => format!(
+                "transfer {id} is {}; once the data server is reachable, resume it with: \
+                 nbdbridge serve ... --transfer {id}",
+                session.transfer().phase
+            ),
+            Err(e) => format!("pausing transfer {id} failed too: {e}"),
+        },
+        Direction::Download if created => match session.cancel().await {
+            Ok(phase) => format!("transfer {id} cancelled: {phase}"),
+            Err(e) => format!("cancelling transfer {id} failed too: {e}"),
+        },
+        Direction::Download => format!("transfer {id} is left {}", session.transfer().phase),
+    };
+    match err {
+        Error::DataServer(why) => Error::DataServer(format!("{why}; {what}")),
+        other => Error::DataServer(format!("{other}; {what}")),
+    }
+}
+
+/// What every data connection of a transfer is opened with.
+#[derive(Debug, Clone)]
+struct DataOptions {
+    size: Option<u64>,
+    direction: Direction,
+    tls: TlsOptions,
+    dirty_bitmap: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,40 +472,97 @@ async fn finish(
 
 /// Open the data connection: the host's `transfer_url`, else the engine's
 /// `proxy_url`; the backend and the URL it uses.
+///
+/// # Errors
+/// [`Error::DataServer`] naming each URL tried and why it failed.
 async fn connect_data(
     session: &TransferSession,
-    size: Option<u64>,
-    direction: Direction,
-    tls: &TlsOptions,
+    data: &DataOptions,
 ) -> Result<(ImageioBackend, String)> {
     let t = session.transfer();
-    let urls: Vec<&String> = t.transfer_url.iter().chain(t.proxy_url.iter()).collect();
-    let mut last = None;
+    let mut urls: Vec<&String> = t.transfer_url.iter().chain(t.proxy_url.iter()).collect();
+    urls.dedup();
+    if urls.is_empty() {
+        return Err(Error::DataServer(format!(
+            "the engine gave transfer {} no transfer_url nor proxy_url",
+            t.id
+        )));
+    }
+    let mut failures = Vec::new();
     for url in urls {
-        let config = ImageioConfig {
-            url: url.clone(),
-            size,
-            read_only: direction == Direction::Download,
-            sparse: None,
-            dirty_bitmap: None,
-            tls: tls.clone(),
-            use_unix_socket: true,
-            max_connections: None,
-        };
-        match ImageioBackend::connect(config).await {
+        match connect_one(url, data).await {
             Ok(b) => return Ok((b, url.clone())),
             Err(e) => {
-                tracing::warn!(error = %e, "data URL unusable, trying the next");
-                last = Some(e);
+                let why = format!("{}: {}", redact_url(url), scrub(&e.to_string(), url));
+                tracing::warn!(error = %why, "data URL unusable");
+                failures.push(why);
             }
         }
     }
-    Err(match last {
-        Some(e) => Error::Backend(e),
-        None => Error::Phase {
-            id: t.id.clone(),
-            phase: t.phase,
-            why: "the engine gave no transfer_url nor proxy_url".into(),
-        },
-    })
+    Err(Error::DataServer(failures.join("; ")))
+}
+
+/// One data URL, with the dirty extents checked when they are wanted.
+async fn connect_one(url: &str, data: &DataOptions) -> crate::backend::Result<ImageioBackend> {
+    let config = ImageioConfig {
+        url: url.to_string(),
+        size: data.size,
+        read_only: data.direction == Direction::Download,
+        sparse: None,
+        dirty_bitmap: data.dirty_bitmap.clone(),
+        tls: data.tls.clone(),
+        use_unix_socket: true,
+        max_connections: None,
+    };
+    let backend = ImageioBackend::connect(config).await?;
+    if let Some(name) = &data.dirty_bitmap {
+        check_dirty(&backend, name).await?;
+    }
+    Ok(backend)
+}
+
+/// Ask the data server for the dirty extents once, so that a ticket without
+/// them fails at the start instead of at the backup tool's first
+/// BLOCK_STATUS. (The answer is kept: later queries are served from it.)
+///
+/// # Errors
+/// The server has no dirty extents for this ticket (imageio answers 404:
+/// only tickets with `"dirty": true` of incremental backups have them,
+/// and its file backend has none at all).
+pub async fn check_dirty(backend: &ImageioBackend, name: &str) -> crate::backend::Result<()> {
+    match backend
+        .extents(ExtentContext::Dirty, 0, backend.size(), 1)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(crate::backend::Error::new(
+            e.kind(),
+            format!(
+                "no dirty extents for qemu:dirty-bitmap:{name} ({e}); imageio serves them \
+                 only for tickets with \"dirty\": true, which the engine gives only to the \
+                 download transfers of an incremental backup"
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{redact_url, scrub};
+
+    #[test]
+    fn tickets_are_cut_short_in_urls_and_messages() {
+        let url = "http://127.0.0.1:9/images/0123456789abcdef";
+        assert_eq!(redact_url(url), "http://127.0.0.1:9/images/01234567…");
+        let msg = format!("OPTIONS: error sending request for url ({url}): refused");
+        assert_eq!(
+            scrub(&msg, url),
+            "OPTIONS: error sending request for url (http://127.0.0.1:9/images/01234567…): refused"
+        );
+        assert_eq!(scrub("no url here", url), "no url here");
+        assert_eq!(
+            scrub("host:54322 kept", "http://host:54322/"),
+            "host:54322 kept"
+        );
+    }
 }

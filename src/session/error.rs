@@ -38,6 +38,10 @@ pub enum Error {
         /// More words.
         why: String,
     },
+    /// No data URL of the transfer could be used (the message names them,
+    /// tickets redacted, and what became of the transfer).
+    #[error("cannot use the transfer's data server: {0}")]
+    DataServer(String),
     /// The data server failed.
     #[error("data server: {0}")]
     Backend(#[from] backend::Error),
