@@ -23,6 +23,24 @@ pub fn redact(secret: &str) -> String {
     }
 }
 
+/// `url` with the ticket id after `/images/` cut short, as [`redact`]
+/// does; other URLs unchanged.
+pub fn redact_ticket_url(url: &str) -> String {
+    let Some(at) = url.find("/images/") else {
+        return url.to_string();
+    };
+    let start = at + "/images/".len();
+    let rest = url.get(start..).unwrap_or_default();
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let ticket = rest.get(..end).unwrap_or_default();
+    format!(
+        "{}{}{}",
+        url.get(..start).unwrap_or_default(),
+        redact(ticket),
+        rest.get(end..).unwrap_or_default()
+    )
+}
+
 /// An error and its causes on one line: `outer: cause: root cause`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
@@ -37,6 +55,21 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ticket_urls_are_cut_short() {
+        use super::redact_ticket_url as r;
+        assert_eq!(
+            r("http://h:1/images/0123456789abcdef/extents?context=zero"),
+            "http://h:1/images/01234567…/extents?context=zero"
+        );
+        assert_eq!(
+            r("http://h/images/0123456789abcdef"),
+            "http://h/images/01234567…"
+        );
+        assert_eq!(r("http://h/images/short"), "http://h/images/short");
+        assert_eq!(r("http://h/info/"), "http://h/info/");
+    }
+
     #[test]
     fn chain_and_redaction() {
         let io = std::io::Error::other("disk on fire");

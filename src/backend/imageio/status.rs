@@ -64,7 +64,14 @@ async fn read_error_body(mut resp: reqwest::Response) -> String {
 
 /// A transport failure (connect, reset, timeout, body cut short).
 pub fn transport(what: &str, err: &reqwest::Error) -> Error {
-    let msg = format!("{what}: {}", crate::telemetry::error_chain(err));
+    let mut msg = format!("{what}: {}", crate::telemetry::error_chain(err));
+    if let Some(url) = err.url() {
+        // The URL holds the ticket, a bearer secret.
+        msg = msg.replace(
+            url.as_str(),
+            &crate::telemetry::redact_ticket_url(url.as_str()),
+        );
+    }
     Error::new(ErrorKind::Io, msg).with_source(Transport)
 }
 
@@ -89,6 +96,28 @@ impl std::error::Error for Transport {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn transport_errors_do_not_quote_the_ticket() {
+        // Nothing listens on a port we bound and dropped.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let url = format!("http://127.0.0.1:{port}/images/0123456789abcdef0123/extents");
+        let client =
+            crate::backend::imageio::build_client(&Default::default(), None).expect("a client");
+        let err = client
+            .get(&url)
+            .send()
+            .await
+            .expect_err("nothing listens there");
+        let e = transport("GET extents", &err);
+        let text = e.to_string();
+        assert!(is_transport(&e));
+        assert!(!text.contains("0123456789abcdef0123"), "{text}");
+        assert!(text.contains("/images/01234567…/extents"), "{text}");
+    }
 
     #[test]
     fn statuses_map_once() {
