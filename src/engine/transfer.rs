@@ -471,6 +471,17 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
     }
 }
 
+/// At engine start, before the API serves: one look at a transferring
+/// transfer's ticket, so that a data server that restarted with the engine
+/// (the embedded one) has the ticket again before a client continues.
+pub async fn check_at_start(state: &Arc<State>, t: Transfer) {
+    if t.phase == Phase::Transferring {
+        if let Err(e) = watch(state, t).await {
+            tracing::warn!(error = %e, "cannot check the ticket at start");
+        }
+    }
+}
+
 /// While transferring: read the ticket, apply the inactivity policy, renew
 /// the ticket before it expires. Two control failures in a row stop the
 /// transfer (the engine's retry flag).
