@@ -5,25 +5,11 @@
 mod support;
 
 use std::time::Duration;
-use support::engine::{Engine, element, first_id, http};
+use support::engine::{Engine, element, first_id, http, login};
 use support::wait_until;
 
 const XML: &str = "application/xml";
 const FORM: &str = "application/x-www-form-urlencoded";
-
-fn login(url: &str, password: &str) -> (u16, String, String) {
-    let body = format!(
-        "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password={password}"
-    );
-    http(
-        url,
-        "POST",
-        "/ovirt-engine/sso/oauth/token",
-        None,
-        FORM,
-        body.as_bytes(),
-    )
-}
 
 fn phase_of(url: &str, token: &str, id: &str) -> String {
     let (status, _, body) = http(
@@ -48,8 +34,7 @@ fn http_surface_and_system_phases() {
     let data = tmp.path().join("engine");
     let engine = Engine::start(&data, &[down], &[]);
     let url = engine.url.clone();
-    let password = std::fs::read_to_string(&engine.password_file).unwrap();
-    let password = password.trim();
+    let password = engine.password();
     let mode = std::fs::metadata(&engine.password_file).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
@@ -63,7 +48,7 @@ fn http_surface_and_system_phases() {
         body.contains("\"error\"") && body.contains("access_denied"),
         "{body}"
     );
-    let (status, ctype, body) = login(&url, password);
+    let (status, ctype, body) = login(&url, &password);
     assert_eq!(status, 200, "{body}");
     assert!(ctype.starts_with("application/json"), "{ctype}");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -225,11 +210,8 @@ fn http_surface_and_system_phases() {
 fn without_hosts_the_embedded_data_server_is_the_host() {
     let tmp = tempfile::tempdir().unwrap();
     let engine = Engine::start(tmp.path(), &[], &[]);
-    let password = std::fs::read_to_string(&engine.password_file).unwrap();
-    let (status, _, body) = login(&engine.url, password.trim());
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let token = v["access_token"].as_str().unwrap();
+    let token = engine.token();
+    let token = token.as_str();
     let (status, _, hosts) = http(
         &engine.url,
         "GET",
@@ -242,16 +224,10 @@ fn without_hosts_the_embedded_data_server_is_the_host() {
     assert_eq!(element(&hosts, "name"), Some("embedded"), "{hosts}");
     // A transfer with no host named goes to the embedded data server and
     // becomes transferring with a transfer_url on it.
-    let (status, _, disk) = http(
-        &engine.url,
-        "POST",
-        "/ovirt-engine/api/disks",
-        Some(token),
-        XML,
-        b"<disk><alias>d</alias><format>raw</format><provisioned_size>1048576</provisioned_size></disk>",
+    let disk_id = engine.add_disk(
+        token,
+        "<disk><alias>d</alias><format>raw</format><provisioned_size>1048576</provisioned_size></disk>",
     );
-    assert!((200..300).contains(&status), "{disk}");
-    let disk_id = first_id(&disk).unwrap().to_string();
     wait_until("disk ok", Duration::from_secs(30), || {
         let (_, _, d) = http(
             &engine.url,

@@ -6,7 +6,7 @@ mod support;
 
 use std::process::Command;
 use std::time::Duration;
-use support::engine::{Engine, Imageio, element, first_id, have_tools, http};
+use support::engine::{Engine, Imageio, element, have_tools, http};
 
 #[test]
 fn qemu_img_through_serve_to_an_engine_disk() {
@@ -17,37 +17,14 @@ fn qemu_img_through_serve_to_an_engine_disk() {
     let imageio = Imageio::start(&tmp.path().join("imageio"));
     let data = tmp.path().join("engine");
     let engine = Engine::start(&data, &[imageio.host_arg("h1")], &[]);
-    let password = std::fs::read_to_string(&engine.password_file).unwrap();
-    let form = format!(
-        "grant_type=password&scope=ovirt-app-api&username=admin%40internal&password={}",
-        password.trim()
-    );
-    let form_type = "application/x-www-form-urlencoded";
-    let (status, _, body) = http(
-        &engine.url,
-        "POST",
-        "/ovirt-engine/sso/oauth/token",
-        None,
-        form_type,
-        form.as_bytes(),
-    );
-    assert_eq!(status, 200, "{body}");
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let token = json["access_token"].as_str().unwrap().to_string();
+    let token = engine.token();
     let size = 8 << 20;
-    let disk = format!(
-        "<disk><format>raw</format><name>e2e</name><provisioned_size>{size}</provisioned_size></disk>"
+    let disk_id = engine.add_disk(
+        &token,
+        &format!(
+            "<disk><format>raw</format><name>e2e</name><provisioned_size>{size}</provisioned_size></disk>"
+        ),
     );
-    let (status, _, body) = http(
-        &engine.url,
-        "POST",
-        "/ovirt-engine/api/disks",
-        Some(&token),
-        "application/xml",
-        disk.as_bytes(),
-    );
-    assert_eq!(status, 201, "{body}");
-    let disk_id = first_id(&body).unwrap().to_string();
 
     let src = tmp.path().join("src.raw");
     std::fs::write(&src, support::pattern(11, size)).unwrap();

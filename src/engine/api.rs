@@ -13,6 +13,8 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use std::sync::Arc;
 use tracing::Instrument;
 
+mod search;
+
 /// Largest request body we read.
 const MAX_BODY: usize = 1024 * 1024;
 /// How long a client may take to send a request body.
@@ -137,9 +139,10 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Reply> {
     match (&method, rest.as_slice()) {
         (&Method::GET, []) => Ok(xml_reply(StatusCode::OK, api_root(state))),
         (&Method::GET, ["disks"]) => {
+            let query = search::DiskQuery::parse(&query)?;
             let mut w = Writer::new();
             w.open("disks", &[]);
-            for d in state.db.disks()? {
+            for d in query.select(state.db.disks()?) {
                 disk_xml(&mut w, state, &d);
             }
             w.close("disks");

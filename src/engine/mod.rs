@@ -351,7 +351,9 @@ impl Engine {
         for t in state.db.transfers()? {
             if !t.phase.is_finished() {
                 tracing::info!(transfer = %t.id, phase = %t.phase, "resuming the driver");
-                transfer::spawn_driver(state.clone(), t.id);
+                let id = t.id.clone();
+                transfer::check_at_start(&state, t).await;
+                transfer::spawn_driver(state.clone(), id);
             }
         }
         spawn_janitor(state.clone());

@@ -27,15 +27,21 @@ const MAX_INACTIVITY_TIMEOUT: u64 = 86_400;
 /// `POST /imagetransfers`: validate, store (locking the disk), start the
 /// driver. The new transfer is `initializing`.
 pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
-    if req.snapshot.is_some() {
-        return Err(Error::BadRequest(
-            "Cannot transfer Virtual Disk: disk snapshot transfers are not supported".into(),
-        ));
+    // Refused before anything else, so that no disk gets locked (a real
+    // engine serves both).
+    if let Some(snapshot) = &req.snapshot {
+        return Err(Error::BadRequest(format!(
+            "Cannot transfer Virtual Disk: transfers of disk snapshots are not supported \
+             (snapshot {}); transfer the whole disk with <disk id=\"...\"/>",
+            snapshot.id.as_deref().unwrap_or("without an id")
+        )));
     }
-    if req.backup.is_some() {
-        return Err(Error::BadRequest(
-            "Cannot transfer Virtual Disk: backup transfers are not supported".into(),
-        ));
+    if let Some(backup) = &req.backup {
+        return Err(Error::BadRequest(format!(
+            "Cannot transfer Virtual Disk: backup transfers are not supported \
+             (backup {}); download the whole disk without <backup>",
+            backup.id.as_deref().unwrap_or("without an id")
+        )));
     }
     let disk_id = req
         .disk
@@ -462,6 +468,17 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
         Phase::FinishedSuccess | Phase::FinishedFailure => Ok(()),
         // Never entered by this engine (wire names kept for clients).
         Phase::Unknown | Phase::Cancelled => Ok(()),
+    }
+}
+
+/// At engine start, before the API serves: one look at a transferring
+/// transfer's ticket, so that a data server that restarted with the engine
+/// (the embedded one) has the ticket again before a client continues.
+pub async fn check_at_start(state: &Arc<State>, t: Transfer) {
+    if t.phase == Phase::Transferring {
+        if let Err(e) = watch(state, t).await {
+            tracing::warn!(error = %e, "cannot check the ticket at start");
+        }
     }
 }
 

@@ -1,8 +1,8 @@
-"""System phases: a host whose data server is down gives paused_system;
-inactivity with timeout_policy cancel / legacy; ticket renewal.
-The engine runs with --ticket-timeout 3.
+"""System phases: inactivity with timeout_policy cancel / legacy; ticket
+renewal. The engine runs with --ticket-timeout 3. (A host that is down:
+engine_host_down.py.)
 
-usage: engine_system.py API_URL PASSWORD_FILE HOST_NAME DOWN_HOST_NAME WORK_DIR
+usage: engine_system.py API_URL PASSWORD_FILE HOST_NAME WORK_DIR
 """
 
 import os
@@ -16,7 +16,7 @@ from ovirt_imageio import client
 from engine_common import (add_disk, connect, expect_error, host_by_name, ok,
                            wait_phase, wait_phase_not)
 
-url, password_file, host_name, down_name, work = sys.argv[1:6]
+url, password_file, host_name, work = sys.argv[1:5]
 SIZE = 4 * 1024 * 1024
 P = types.ImageTransferPhase
 
@@ -38,16 +38,6 @@ def start(connection, name, **kw):
 with connect(url, password_file) as connection:
     disks = connection.system_service().disks_service()
     up = host_by_name(connection, host_name)
-    down = host_by_name(connection, down_name)
-
-    disk, ts = start(connection, "system-down", host=types.Host(id=down.id))
-    t = wait_phase_not(ts, [P.INITIALIZING])
-    assert t.phase == P.PAUSED_SYSTEM, t.phase
-    assert t.transfer_url is None, t.transfer_url
-    ts.cancel()
-    wait_phase(ts, P.FINISHED_FAILURE)
-    expect_error(sdk.NotFoundError, 404, disks.disk_service(disk.id).get)
-    ok("host down paused_system")
 
     disk, ts = start(connection, "system-cancel", host=types.Host(id=up.id),
                      inactivity_timeout=1,
@@ -77,6 +67,7 @@ with connect(url, password_file) as connection:
     # disk stays.
     t = connection.system_service().image_transfers_service().add(
         types.ImageTransfer(disk=types.Disk(id=disk.id), inactivity_timeout=1,
+                            host=types.Host(id=up.id),
                             direction=types.ImageTransferDirection.DOWNLOAD))
     ts = connection.system_service().image_transfers_service() \
         .image_transfer_service(t.id)

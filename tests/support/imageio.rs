@@ -71,15 +71,31 @@ pub fn start_ours() -> Server {
     }
 }
 
-/// Start the real ovirt-imageio daemon with a private config (no TLS, port
-/// 0, sockets and log in a temp dir); the port is read from its log.
-pub fn start_daemon() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    std::fs::create_dir(d.join("conf.d")).expect("conf.d");
-    let control = d.join("ctl.sock");
-    let local = d.join("local.sock");
-    let log = d.join("daemon.log");
+/// The real ovirt-imageio daemon, started by [`launch_daemon`]; stopped
+/// when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Its data port on 127.0.0.1.
+    pub port: u16,
+    /// Ticket control API unix socket.
+    pub control: PathBuf,
+    /// Local data unix socket.
+    pub local: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// The process.
+    pub proc: Proc,
+}
+
+/// Start the real ovirt-imageio daemon with a private config in `dir` (no
+/// TLS, port 0, run dir, sockets and log in `dir`; IMAGEIO-API.md 1) and
+/// wait until it is ready; the port is read from its log. The one launcher
+/// of the daemon: the data server tests and the engine tests use it.
+pub fn launch_daemon(dir: &Path) -> Daemon {
+    std::fs::create_dir_all(dir.join("conf.d")).expect("conf.d");
+    let control = dir.join("ctl.sock");
+    let local = dir.join("local.sock");
+    let log = dir.join("daemon.log");
     let conf = format!(
         "[daemon]\ndrop_privileges = false\nsystemd_enable = false\nrun_dir = {run}\n\
          [tls]\nenable = false\n\
@@ -87,14 +103,14 @@ pub fn start_daemon() -> Server {
          [local]\nenable = true\nsocket = {local}\n\
          [control]\ntransport = unix\nsocket = {control}\n\
          [handler_logfile]\nargs = ('{log}',)\n",
-        run = d.display(),
+        run = dir.display(),
         local = local.display(),
         control = control.display(),
         log = log.display(),
     );
-    std::fs::write(d.join("conf.d/99-test.conf"), conf).expect("config");
+    std::fs::write(dir.join("conf.d/99-test.conf"), conf).expect("config");
     let mut cmd = Command::new(daemon_bin());
-    cmd.arg("-c").arg(d);
+    cmd.arg("-c").arg(dir);
     let proc = Proc::start("ovirt-imageio", cmd);
     let mut port = None;
     wait_until("ovirt-imageio ready", START_DEADLINE, || {
@@ -103,18 +119,30 @@ pub fn start_daemon() -> Server {
             let rest = l
                 .split("remote.service listening on ('127.0.0.1', ")
                 .nth(1)?;
-            rest.trim_end_matches(')').parse::<u16>().ok()
+            rest.split(')').next()?.parse::<u16>().ok()
         });
         port.is_some() && text.contains("Ready for requests")
     });
-    let port = port.expect("port");
-    Server {
-        kind: Kind::Daemon,
-        base: format!("http://127.0.0.1:{port}/images/"),
+    Daemon {
+        port: port.expect("port"),
         control,
         local,
-        dir,
+        log,
         proc,
+    }
+}
+
+/// Start the real ovirt-imageio daemon in a temp dir of its own.
+pub fn start_daemon() -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = launch_daemon(dir.path());
+    Server {
+        kind: Kind::Daemon,
+        base: format!("http://127.0.0.1:{}/images/", daemon.port),
+        control: daemon.control,
+        local: daemon.local,
+        dir,
+        proc: daemon.proc,
     }
 }
 
