@@ -253,6 +253,47 @@ fn without_hosts_the_embedded_data_server_is_the_host() {
     wait_until("transferring", Duration::from_secs(30), || {
         phase_of(&engine.url, token, &id) == "transferring"
     });
+    let transfer_url = |engine: &Engine, token: &str| {
+        let (_, _, t) = http(
+            &engine.url,
+            "GET",
+            &format!("/ovirt-engine/api/imagetransfers/{id}"),
+            Some(token),
+            XML,
+            b"",
+        );
+        element(&t, "transfer_url").unwrap_or_default().to_string()
+    };
+    let before = transfer_url(&engine, token);
+    assert!(before.starts_with("http://127.0.0.1:"), "{before}");
+
+    // Killed and started again: the embedded data server comes back on the
+    // same port, so the transfer_url clients hold still works.
+    let mut engine = engine;
+    engine.proc.signal(9);
+    engine.proc.wait_exit(Duration::from_secs(10));
+    let engine = Engine::start(tmp.path(), &[], &[]);
+    let token = engine.token();
+    assert_eq!(phase_of(&engine.url, &token, &id), "transferring");
+    assert_eq!(transfer_url(&engine, &token), before);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "OPTIONS",
+        ])
+        .arg(&before)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "OPTIONS {before}"
+    );
 }
 
 #[test]

@@ -9,8 +9,14 @@ use std::path::Path;
 /// Name of the embedded host.
 pub const HOST_NAME: &str = "embedded";
 
-/// Start the data server for `data_dir` on loopback (a free port), with its
-/// control and local sockets under `DATA_DIR/imageio`. The socket names
+/// File under `DATA_DIR/imageio` remembering the data server's port.
+const PORT_FILE: &str = "port";
+
+/// Start the data server for `data_dir` on loopback, with its control and
+/// local sockets under `DATA_DIR/imageio`. The port stays the same across
+/// restarts when it is still free (remembered in `DATA_DIR/imageio/port`),
+/// so the `transfer_url` clients were given keeps working, as a real
+/// host's does; a free port otherwise. The socket names
 /// carry the process id, so a second engine started by mistake on the same
 /// data dir (which then fails on the data dir lock) cannot take them over;
 /// sockets left by processes that are gone are removed.
@@ -22,12 +28,33 @@ pub async fn start_data_server(data_dir: &Path) -> std::io::Result<DataServer> {
     std::fs::create_dir_all(&run)?;
     remove_stale_sockets(&run);
     let pid = std::process::id();
-    let mut config = Config::new(
-        "127.0.0.1:0",
-        run.join(format!("imageio-control-{pid}.sock")),
-    );
-    config.local_socket = Some(run.join(format!("imageio-local-{pid}.sock")));
-    DataServer::start(config).await
+    let config = |port: u16| {
+        let mut c = Config::new(
+            format!("127.0.0.1:{port}"),
+            run.join(format!("imageio-control-{pid}.sock")),
+        );
+        c.local_socket = Some(run.join(format!("imageio-local-{pid}.sock")));
+        c
+    };
+    let port_file = run.join(PORT_FILE);
+    let last = std::fs::read_to_string(&port_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    let server = match last {
+        Some(port) => match DataServer::start(config(port)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(port, error = %e, "the data server's last port is taken; using a new one");
+                DataServer::start(config(0)).await?
+            }
+        },
+        None => DataServer::start(config(0)).await?,
+    };
+    if last != Some(server.addr().port()) {
+        std::fs::write(&port_file, format!("{}\n", server.addr().port()))?;
+    }
+    Ok(server)
 }
 
 /// Remove `imageio-*-PID.sock` files whose process is gone.
