@@ -52,11 +52,12 @@ mod error;
 mod handlers;
 mod idle;
 mod range;
+mod storage;
 mod ticket;
 
 pub use body::Body;
 pub use error::ApiError;
-pub use ticket::{Access, Ticket, TicketSpec, TicketStore};
+pub use ticket::{Access, BackendUrl, Ticket, TicketSpec, TicketStore};
 
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
