@@ -572,6 +572,9 @@ async fn options(shared: &Shared, conn: &Conn, id: &str) -> Result<Response<Body
         "OPTIONS,GET,PUT,PATCH"
     } else {
         let ticket = authorize(shared, conn, id, Access::Read)?;
+        // Like imageio: OPTIONS opens the backend, so an unreachable NBD
+        // server or a missing file is a 500 here already.
+        open_storage(&ticket).await?;
         ticket.touch();
         options.insert("max_readers".into(), json!(shared.max_readers));
         options.insert("max_writers".into(), json!(shared.max_writers));
