@@ -108,6 +108,19 @@ impl Drop for SendGuard<'_> {
     }
 }
 
+/// Removes a pending request whose future was dropped before it was
+/// sent (forgotten once the request goes out).
+struct Unsent<'a> {
+    shared: &'a Shared,
+    cookie: u64,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        self.shared.pending().remove(&self.cookie);
+    }
+}
+
 /// A connected NBD client. Cheap to share behind an `Arc`: every method
 /// takes `&self` and may run concurrently with the others.
 #[derive(Debug)]
@@ -240,8 +253,14 @@ impl NbdClient {
             );
         }
         let header = reply::encode_request(flags, command, cookie, offset, len);
+        // Dropped before the request went out: forget it (no reply comes).
+        let unsent = Unsent {
+            shared: &self.shared,
+            cookie,
+        };
         {
             let mut w = self.writer.lock().await;
+            std::mem::forget(unsent);
             let mut guard = SendGuard {
                 shared: &self.shared,
                 armed: true,
