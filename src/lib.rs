@@ -9,6 +9,7 @@
 //! - [`store`]: positional I/O on local image files, shared by the file
 //!   backend and the embedded data server.
 //! - [`imageio`]: the embedded imageio-compatible data server.
+//! - [`nbd_client`]: an async NBD client (the data server's `nbd:` tickets).
 //! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
 //!   image transfer phases, state in SQLite).
 //! - [`session`]: the image transfer session (engine REST client, phases).
@@ -22,6 +23,7 @@ pub mod bufpool;
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
+pub mod nbd_client;
 pub mod ovirt;
 pub mod progress;
 pub mod session;

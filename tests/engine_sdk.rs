@@ -157,10 +157,7 @@ fn restart_keeps_file_ticket_transfers(kind: HostKind) {
     restart_mid_upload(kind, &["raw:raw", "cow:cow"]);
 }
 
-on_both_hosts!(
-    restart_keeps_guest_data_transfers_of_cow_disks,
-    embedded: #[ignore = "needs nbd: tickets in the embedded data server"]
-);
+on_both_hosts!(restart_keeps_guest_data_transfers_of_cow_disks);
 /// Guest data of a cow disk (`format=raw`, through qemu-nbd).
 fn restart_keeps_guest_data_transfers_of_cow_disks(kind: HostKind) {
     if !have_tools() {
@@ -353,7 +350,7 @@ fn ovirt_img_raw(kind: HostKind) {
     ovirt_img_upload_and_download(kind, "raw", "6b1e3a52-0c4a-4d55-9d3b-3f2a4a1c0002");
 }
 
-on_both_hosts!(ovirt_img_qcow2, embedded: #[ignore = "needs nbd: tickets in the embedded data server"]);
+on_both_hosts!(ovirt_img_qcow2);
 /// A QCOW2 image to a cow disk, as guest data (`format=raw`).
 fn ovirt_img_qcow2(kind: HostKind) {
     ovirt_img_upload_and_download(kind, "qcow2", "6b1e3a52-0c4a-4d55-9d3b-3f2a4a1c0001");

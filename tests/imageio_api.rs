@@ -528,7 +528,11 @@ fn ours_bad_input_writes_nothing_and_keeps_serving() {
             "file:///tmp/%2e%2e/x",
             "Path may not contain control characters, '%', '?' or '#'",
         ),
-        ("nbd:unix:/tmp/x.sock", "Unsupported url scheme: nbd"),
+        (
+            "nbd://localhost:10809/x",
+            "Unsupported NBD URL: nbd://localhost:10809/x, expecting nbd:unix:/absolute/path[:exportname=NAME]",
+        ),
+        ("http://host/images/x", "Unsupported url scheme: http"),
     ] {
         let mut t = ticket("trick-ticket", &img, SIZE, &["read"]);
         t["url"] = url.into();

@@ -43,8 +43,8 @@ pub struct EngineArgs {
 pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
     // The embedded data server is always a host. The engine picks the first
     // host when a transfer names none: the embedded one when no --host is
-    // given, else the first --host (a real daemon, which also serves the
-    // qemu-nbd backed transfers the embedded server cannot).
+    // given, else the first --host (whoever registers a host means it to
+    // carry the transfers).
     let data_server = embedded::start_data_server(&args.data_dir)
         .await
         .map_err(|e| format!("cannot start the embedded data server: {e}"))?;

@@ -4,9 +4,11 @@
 //! Blocks inside a hole are not read: their digest is the zero block's.
 
 use super::error::ApiError;
+use crate::nbd_client::NbdClient;
 use crate::store::{FileStore, StoreExtent};
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Blake2s, Digest};
+use std::sync::Arc;
 
 /// Default block size (4 MiB).
 pub const BLOCK_SIZE: u64 = 4 * 1024 * 1024;
@@ -86,6 +88,107 @@ pub fn parse_block_size(value: Option<&str>) -> Result<u64, ApiError> {
     Ok(size)
 }
 
+/// Most zero extents asked of an NBD export for a checksum (past them,
+/// blocks are read).
+const MAX_NBD_EXTENTS: usize = 1 << 20;
+
+/// The outer hash: block digests are fed in order, zero blocks cheaply.
+#[derive(Debug)]
+struct BlockHasher {
+    algorithm: Algorithm,
+    block_size: u64,
+    zero_digest: Vec<u8>,
+    outer: Vec<u8>,
+}
+
+impl BlockHasher {
+    fn new(algorithm: Algorithm, block_size: u64, zero_block: &[u8]) -> Self {
+        BlockHasher {
+            algorithm,
+            block_size,
+            zero_digest: algorithm.digest(zero_block),
+            outer: Vec::new(),
+        }
+    }
+
+    fn add_block(&mut self, data: &[u8]) {
+        let d = self.algorithm.digest(data);
+        self.outer.extend_from_slice(&d);
+    }
+
+    fn add_digest(&mut self, digest: &[u8]) {
+        self.outer.extend_from_slice(digest);
+    }
+
+    fn add_zero_block(&mut self, len: u64) {
+        if len == self.block_size {
+            self.outer.extend_from_slice(&self.zero_digest);
+        } else {
+            let d = self.algorithm.digest(&vec![0u8; len as usize]);
+            self.outer.extend_from_slice(&d);
+        }
+    }
+
+    fn finish(self) -> String {
+        hex(&self.algorithm.digest(&self.outer))
+    }
+}
+
+/// Compute the block checksum of a whole NBD export: blocks inside zero
+/// extents are not read.
+///
+/// # Errors
+/// NBD failures, or `Interrupted` when cancelled.
+pub async fn compute_nbd(
+    client: Arc<NbdClient>,
+    algorithm: Algorithm,
+    block_size: u64,
+    canceled: impl Fn() -> bool,
+    mut progress: impl FnMut(u64),
+) -> std::io::Result<String> {
+    let size = client.size();
+    let zeros: Vec<(u64, u64)> = client
+        .zero_extents(MAX_NBD_EXTENTS)
+        .await
+        .map_err(std::io::Error::other)?
+        .into_iter()
+        .filter(|e| e.zero)
+        .map(|e| (e.start, e.start + e.length))
+        .collect();
+    let block_len = usize::try_from(block_size).map_err(|_| std::io::Error::other("block size"))?;
+    let mut hasher = BlockHasher::new(algorithm, block_size, &vec![0u8; block_len]);
+    let mut offset = 0u64;
+    let mut idx = 0;
+    while offset < size {
+        if canceled() {
+            return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+        }
+        let len = block_size.min(size - offset);
+        while zeros.get(idx).is_some_and(|&(_, end)| end <= offset) {
+            idx += 1;
+        }
+        let in_zero = zeros
+            .get(idx)
+            .is_some_and(|&(start, end)| start <= offset && offset + len <= end);
+        if in_zero {
+            hasher.add_zero_block(len);
+        } else {
+            let data = client
+                .read(offset, len as usize)
+                .await
+                .map_err(std::io::Error::other)?;
+            // Hashing a block takes milliseconds: off the runtime.
+            let digest = tokio::task::spawn_blocking(move || algorithm.digest(&data))
+                .await
+                .map_err(std::io::Error::other)?;
+            hasher.add_digest(&digest);
+        }
+        progress(len);
+        offset += len;
+    }
+    Ok(hasher.finish())
+}
+
 /// Compute the block checksum of the whole store (blocking). `progress` is
 /// called with each block's length; `canceled` is asked before each block.
 ///
@@ -111,8 +214,7 @@ pub fn compute(
     let buf = raw
         .get_mut(start..start + block_len)
         .ok_or_else(|| std::io::Error::other("block buffer"))?;
-    let zero_digest = algorithm.digest(buf);
-    let mut outer = Vec::new();
+    let mut hasher = BlockHasher::new(algorithm, block_size, buf);
     let mut offset = 0u64;
     let mut hole_idx = 0;
     while offset < size {
@@ -130,21 +232,19 @@ pub fn compute(
             .get(hole_idx)
             .is_some_and(|h| h.offset <= offset && offset + len <= h.offset + h.len);
         let n = len as usize;
-        if in_hole && len == block_size {
-            outer.extend_from_slice(&zero_digest);
-        } else if in_hole {
-            outer.extend_from_slice(&algorithm.digest(&vec![0u8; n]));
+        if in_hole {
+            hasher.add_zero_block(len);
         } else {
             let chunk = buf
                 .get_mut(..n)
                 .ok_or_else(|| std::io::Error::other("block buffer"))?;
             store.read_direct(offset, chunk)?;
-            outer.extend_from_slice(&algorithm.digest(chunk));
+            hasher.add_block(chunk);
         }
         progress(len);
         offset += len;
     }
-    Ok(hex(&algorithm.digest(&outer)))
+    Ok(hasher.finish())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,15 +1,16 @@
 //! The data API: `/images/<ticket>[/extents|/checksum[/algorithms]]` and
 //! `/info/`. Each handler validates its input, authorizes the ticket,
-//! registers an op on it and runs the storage work on blocking threads.
+//! registers an op on it and runs the work on its [`Storage`] (a file on
+//! blocking threads, or an NBD export).
 
 use super::body::{self, Body, ChannelBody};
-use super::buffers::{BufferPool, PoolBuf};
+use super::buffers::BufferPool;
 use super::checksum::{self, Algorithm};
 use super::error::ApiError;
 use super::range::{parse_content_range, parse_range};
+use super::storage::Storage;
 use super::ticket::{Access, Ticket};
 use super::{Conn, Failure, Query, Shared};
-use crate::store::FileStore;
 use crate::telemetry::redact;
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -159,19 +160,8 @@ fn authorize(
     Ok(ticket)
 }
 
-async fn open_store(ticket: &Arc<Ticket>) -> Result<Arc<FileStore>, ApiError> {
-    let t = ticket.clone();
-    blocking(move || t.open_store()).await
-}
-
-/// Run blocking storage work off the runtime.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::Internal),
-        Err(e) => Err(ApiError::Internal(io::Error::other(e))),
-    }
+async fn open_storage(ticket: &Ticket) -> Result<Storage, ApiError> {
+    ticket.storage().await.map_err(ApiError::Internal)
 }
 
 fn canceled_error(ticket: &Ticket) -> ApiError {
@@ -191,7 +181,7 @@ async fn get(
 ) -> Result<Response<Body>, Failure> {
     let close = query.get("close") == Some("y");
     let ticket = authorize(shared, conn, id, Access::Read)?;
-    let store = open_store(&ticket).await?;
+    let store = open_storage(&ticket).await?;
     let size = ticket.spec().size;
     let available = size.min(store.size());
     let range = match req.headers().get(hyper::header::RANGE) {
@@ -276,7 +266,7 @@ async fn get(
 /// (dropping its guard) when the last chunk was handed over.
 async fn produce(
     op: super::ticket::OpGuard,
-    store: Arc<FileStore>,
+    store: Storage,
     pool: Arc<BufferPool>,
     offset: u64,
     len: u64,
@@ -288,17 +278,7 @@ async fn produce(
     loop {
         while reads.len() < READS_IN_FLIGHT && next < end {
             let n = (end - next).min(READ_CHUNK as u64) as usize;
-            let s = store.clone();
-            let mut buf = pool.get_for(n);
-            let at = next;
-            reads.push_back((
-                tokio::task::spawn_blocking(move || {
-                    s.read_direct(at, buf.fill(n))?;
-                    // The buffer goes back to the pool when hyper drops it.
-                    Ok(Bytes::from_owner(buf))
-                }),
-                n,
-            ));
+            reads.push_back((store.spawn_read(&pool, next, n), n));
             next += n as u64;
         }
         let Some((read, n)) = reads.pop_front() else {
@@ -391,7 +371,7 @@ async fn put(
             size,
         )));
     }
-    let store = open_store(&ticket).await.map_err(Failure::closing)?;
+    let store = open_storage(&ticket).await.map_err(Failure::closing)?;
     let op = ticket.start_op(offset).map_err(Failure::closing)?;
     let mut body = req.into_body();
     let pool = &shared.write_pool;
@@ -431,13 +411,14 @@ async fn put(
                     .await
                     .map_err(Failure::closing)?;
                 let n = full.len() as u64;
-                pending.push_back(submit_write(&store, pos, full));
+                pending.push_back((store.spawn_write(pos, full), n));
                 pos += n;
             }
         }
     }
     if !buf.is_empty() {
-        pending.push_back(submit_write(&store, pos, buf));
+        let n = buf.len() as u64;
+        pending.push_back((store.spawn_write(pos, buf), n));
     } else {
         drop(buf);
     }
@@ -453,8 +434,7 @@ async fn put(
         ))));
     }
     if flush {
-        let s = store.clone();
-        blocking(move || s.flush()).await?;
+        store.flush().await.map_err(ApiError::from)?;
     }
     drop(op);
     let mut resp = Response::new(body::empty());
@@ -463,19 +443,6 @@ async fn put(
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
-}
-
-fn submit_write(
-    store: &Arc<FileStore>,
-    pos: u64,
-    chunk: PoolBuf,
-) -> (JoinHandle<io::Result<()>>, u64) {
-    let n = chunk.len() as u64;
-    let s = store.clone();
-    (
-        tokio::task::spawn_blocking(move || s.write_direct(pos, chunk.as_ref())),
-        n,
-    )
 }
 
 /// Wait for the oldest writes until at most `keep` are in flight.
@@ -563,7 +530,7 @@ async fn zero(
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(ApiError::range("Requested range out of allowed range", size).into());
     }
-    let store = open_store(&ticket).await?;
+    let store = open_storage(&ticket).await?;
     let op = ticket.start_op(offset)?;
     let punch = ticket.spec().sparse;
     let mut done = 0;
@@ -572,15 +539,15 @@ async fn zero(
             return Err(canceled_error(&ticket).into());
         }
         let step = (len - done).min(ZERO_STEP);
-        let s = store.clone();
-        let at = offset + done;
-        blocking(move || s.zero(at, step, punch, false)).await?;
+        store
+            .zero(offset + done, step, punch)
+            .await
+            .map_err(ApiError::from)?;
         op.progress().add(step);
         done += step;
     }
     if flush {
-        let s = store.clone();
-        blocking(move || s.flush()).await?;
+        store.flush().await.map_err(ApiError::from)?;
     }
     drop(op);
     Ok(Response::new(body::empty()))
@@ -588,9 +555,9 @@ async fn zero(
 
 async fn flush(shared: &Shared, conn: &Conn, id: &str) -> Result<Response<Body>, Failure> {
     let ticket = authorize(shared, conn, id, Access::Write)?;
-    let store = open_store(&ticket).await?;
+    let store = open_storage(&ticket).await?;
     let op = ticket.start_op(0)?;
-    blocking(move || store.flush()).await?;
+    store.flush().await.map_err(ApiError::from)?;
     drop(op);
     Ok(Response::new(body::empty()))
 }
@@ -605,6 +572,9 @@ async fn options(shared: &Shared, conn: &Conn, id: &str) -> Result<Response<Body
         "OPTIONS,GET,PUT,PATCH"
     } else {
         let ticket = authorize(shared, conn, id, Access::Read)?;
+        // Like imageio: OPTIONS opens the backend, so an unreachable NBD
+        // server or a missing file is a 500 here already.
+        open_storage(&ticket).await?;
         ticket.touch();
         options.insert("max_readers".into(), json!(shared.max_readers));
         options.insert("max_writers".into(), json!(shared.max_writers));
@@ -639,8 +609,20 @@ async fn extents(
     if context == "dirty" && !ticket.spec().dirty {
         return Err(ApiError::NotFound("Ticket does not support dirty extents".into()).into());
     }
-    let store = open_store(&ticket).await?;
+    let store = open_storage(&ticket).await?;
     let size = store.size();
+    if context == "dirty" && store.is_nbd() {
+        // We do not ask qemu-nbd for its dirty bitmap (imageio does, with
+        // the same answer when the export has none).
+        let name = match &ticket.spec().backend {
+            super::ticket::BackendUrl::Nbd(a) => a.export.clone(),
+            super::ticket::BackendUrl::File(_) => String::new(),
+        };
+        return Err(ApiError::NotFound(format!(
+            "NBD export '{name}' does not support dirty extents"
+        ))
+        .into());
+    }
     if context == "dirty" {
         // A plain file keeps no dirty bitmap: everything may have changed.
         let list = if size == 0 {
@@ -650,13 +632,15 @@ async fn extents(
         };
         return Ok(json_response(&list));
     }
-    let s = store.clone();
-    let found = blocking(move || s.extents(0, size, MAX_EXTENTS)).await?;
+    let found = store
+        .zero_extents(MAX_EXTENTS)
+        .await
+        .map_err(ApiError::from)?;
     let mut list: Vec<Value> = found
         .iter()
-        .map(|e| json!({"start": e.offset, "length": e.len, "zero": e.hole, "hole": e.hole}))
+        .map(|e| json!({"start": e.start, "length": e.length, "zero": e.zero, "hole": e.hole}))
         .collect();
-    let covered = found.last().map(|e| e.offset + e.len).unwrap_or(0);
+    let covered = found.last().map(|e| e.start + e.length).unwrap_or(0);
     if covered < size {
         list.push(
             json!({"start": covered, "length": size - covered, "zero": false, "hole": false}),
@@ -678,27 +662,24 @@ async fn checksum(
     )?;
     let block_size = checksum::parse_block_size(query.get("block_size"))?;
     let ticket = authorize(shared, conn, id, Access::Read)?;
-    let store = open_store(&ticket).await?;
+    let store = open_storage(&ticket).await?;
     let op = ticket.start_op(0)?;
     let progress = op.progress().clone();
     let t = ticket.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        checksum::compute(
-            &store,
+    let result = store
+        .checksum(
             algorithm,
             block_size,
-            || t.canceled(),
-            |n| progress.add(n),
+            move || t.canceled(),
+            move |n| progress.add(n),
         )
-    })
-    .await;
+        .await;
     let digest = match result {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
             return Err(canceled_error(&ticket).into());
         }
-        Ok(Err(e)) => return Err(ApiError::Internal(e).into()),
-        Err(e) => return Err(ApiError::Internal(io::Error::other(e)).into()),
+        Err(e) => return Err(ApiError::Internal(e).into()),
     };
     drop(op);
     Ok(json_response(&json!({

@@ -4,14 +4,19 @@
 //! PATCH zero/flush, OPTIONS, extents, checksum; `/info/`) over TCP and,
 //! optionally, a local unix socket, and the ticket control API
 //! (`/tickets/<id>`) on a unix socket, over local image files
-//! (`file:///…` ticket URLs).
+//! (`file:///…` ticket URLs) and NBD exports (`nbd:unix:/path.sock` and
+//! `nbd:unix:/path.sock:exportname=NAME`, e.g. a `qemu-nbd` serving a
+//! QCOW2 volume as guest data, through [`crate::nbd_client`]).
 //!
 //! # Layout
 //! - this module: [`Config`], [`DataServer`] (listeners, per-connection
 //!   hyper service, routing);
 //! - `handlers`: the data API; `control`: the ticket control API;
 //! - `ticket`: [`TicketStore`] and tickets (authorization, expiry, in-flight
-//!   ops, transferred bytes);
+//!   ops, transferred bytes), ticket URL parsing;
+//! - `storage`: what a ticket's image lives in (a file or an NBD export),
+//!   opened lazily per ticket, reopened when an NBD connection failed,
+//!   closed when the ticket is deleted;
 //! - `range`, `checksum`, `body`: header parsing, block checksums, bodies;
 //! - `error`: [`ApiError`], the only mapping from a failure to HTTP.
 //!
@@ -25,12 +30,18 @@
 //!   file reports everything dirty (a file keeps no bitmap).
 //! - Several writers per ticket are safe (positional I/O): OPTIONS
 //!   advertises `max_writers` 8 (imageio: 1 for files).
-//! - Stricter input: ticket ids are `[A-Za-z0-9._-]`, `file:` URLs must be
-//!   absolute and normalized, `ops` only `read`/`write`, integers must not
+//! - Stricter input: ticket ids are `[A-Za-z0-9._-]`, `file:` URLs and
+//!   `nbd:unix:` socket paths must be absolute and normalized (imageio
+//!   accepts any `nbd:` URL at PUT and fails with 500 on first use), `ops` only `read`/`write`, integers must not
 //!   be booleans or floats, a PUT `Content-Range` must match
 //!   `Content-Length`, request bodies of the JSON APIs are capped (413).
-//! - Only `file://` URLs (no nbd/http backends); checksums with blake2b and
-//!   blake2s only.
+//! - `file://` and `nbd:unix:` URLs only (no `nbd:HOST:PORT`, `nbd://`,
+//!   `http(s)://` backends); checksums with blake2b and blake2s only.
+//! - An nbd ticket uses one pipelined NBD connection per ticket, shared by
+//!   every HTTP connection (imageio: one NBD connection per HTTP
+//!   connection, so HTTP connections past qemu-nbd's `--shared` hang).
+//!   `extents?context=dirty` on an nbd ticket is 404 (we do not ask qemu
+//!   for its dirty bitmap).
 //! - An unaligned PUT never grows the file (imageio's O_DIRECT
 //!   read-modify-write rounds it up to 4 KiB).
 //!
@@ -52,11 +63,12 @@ mod error;
 mod handlers;
 mod idle;
 mod range;
+mod storage;
 mod ticket;
 
 pub use body::Body;
 pub use error::ApiError;
-pub use ticket::{Access, Ticket, TicketSpec, TicketStore};
+pub use ticket::{Access, BackendUrl, Ticket, TicketSpec, TicketStore};
 
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};

@@ -7,7 +7,8 @@
 //! cancels a ticket and waits (bounded) for its ops to finish.
 
 use super::error::ApiError;
-use crate::store::FileStore;
+use super::storage::Storage;
+use crate::nbd_client::NbdAddress;
 use crate::telemetry::redact;
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, HashSet};
@@ -51,10 +52,10 @@ pub struct TicketSpec {
     pub timeout: u64,
     /// Connection idle timeout once the ticket was used.
     pub inactivity_timeout: u64,
-    /// The `file:///…` URL as given.
+    /// The `file:///…` or `nbd:unix:…` URL as given.
     pub url: String,
-    /// The image path behind `url`.
-    pub path: PathBuf,
+    /// The storage behind `url`.
+    pub backend: BackendUrl,
     /// Label for logs and error texts.
     pub transfer_id: String,
     /// Name for `Content-Disposition`.
@@ -105,8 +106,8 @@ impl TicketSpec {
             .unwrap_or(default_inactivity);
         let url_value = required(obj, "url", Kind::Str)?;
         let url = url_value.as_str().unwrap_or_default().to_string();
-        let path = parse_file_url(&url)
-            .map_err(|reason| invalid(param_error("url", url_value, &reason)))?;
+        let backend =
+            parse_url(&url).map_err(|reason| invalid(param_error("url", url_value, &reason)))?;
         let transfer_id = match optional(obj, "transfer_id", Kind::Str)? {
             Some(v) => v.as_str().unwrap_or_default().to_string(),
             None => format!("(ticket/{})", uuid.chars().take(18).collect::<String>()),
@@ -136,7 +137,7 @@ impl TicketSpec {
             timeout,
             inactivity_timeout,
             url,
-            path,
+            backend,
             transfer_id,
             filename,
             sparse,
@@ -265,6 +266,68 @@ pub fn validate_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The storage a ticket URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendUrl {
+    /// `file:///abs/path`: a local image file.
+    File(PathBuf),
+    /// `nbd:unix:/abs/path.sock[:exportname=NAME]`: an NBD export.
+    Nbd(NbdAddress),
+}
+
+/// Longest unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Longest NBD export name (the NBD protocol's string limit).
+const MAX_EXPORT_NAME: usize = 4096;
+
+/// Parse a ticket URL: `file:///abs/path` or
+/// `nbd:unix:/abs/path.sock[:exportname=NAME]`.
+///
+/// # Errors
+/// The reason, for imageio's `Invalid value for 'url'` text.
+pub fn parse_url(url: &str) -> Result<BackendUrl, String> {
+    match url.split_once(':') {
+        Some(("nbd", rest)) => parse_nbd_url(url, rest).map(BackendUrl::Nbd),
+        _ => parse_file_url(url).map(BackendUrl::File),
+    }
+}
+
+/// The address of an `nbd:unix:/abs/path.sock[:exportname=NAME]` URL
+/// (`rest` is what follows `nbd:`). The path follows the rules of
+/// [`parse_file_url`] and may not contain `:`; the name may not contain
+/// control characters. TCP forms (`nbd:HOST:PORT`, `nbd://…`) are refused.
+pub fn parse_nbd_url(url: &str, rest: &str) -> Result<NbdAddress, String> {
+    let expecting = "expecting nbd:unix:/absolute/path[:exportname=NAME]";
+    let Some(rest) = rest.strip_prefix("unix:") else {
+        return Err(format!("Unsupported NBD URL: {url}, {expecting}"));
+    };
+    let (path, export) = match rest.split_once(':') {
+        None => (rest, ""),
+        Some((path, opt)) => match opt.strip_prefix("exportname=") {
+            Some(name) => (path, name),
+            None => return Err(format!("Unsupported NBD URL: {url}, {expecting}")),
+        },
+    };
+    if !path.starts_with('/') {
+        return Err(format!("NBD socket path must be absolute, {expecting}"));
+    }
+    check_path(path)?;
+    if path.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "NBD socket path is longer than {MAX_SOCKET_PATH} bytes"
+        ));
+    }
+    if export.len() > MAX_EXPORT_NAME || export.chars().any(char::is_control) {
+        return Err(format!(
+            "NBD export name must be at most {MAX_EXPORT_NAME} bytes without control characters"
+        ));
+    }
+    Ok(NbdAddress {
+        socket: PathBuf::from(path),
+        export: export.to_string(),
+    })
+}
+
 /// The path of a `file:///abs/path` URL. Refused: other schemes, a host,
 /// relative paths, `.`/`..` components, empty components, percent escapes,
 /// query, fragment and control characters.
@@ -281,6 +344,13 @@ pub fn parse_file_url(url: &str) -> Result<PathBuf, String> {
     if !path.starts_with('/') {
         return Err("Expecting file:///absolute/path (no host)".into());
     }
+    check_path(path)?;
+    Ok(PathBuf::from(path))
+}
+
+/// Rules shared by file and socket paths: absolute, normalized, no
+/// escapes, naming something other than `/`.
+fn check_path(path: &str) -> Result<(), String> {
     if path
         .chars()
         .any(|c| c.is_control() || matches!(c, '%' | '?' | '#'))
@@ -300,7 +370,7 @@ pub fn parse_file_url(url: &str) -> Result<PathBuf, String> {
     if path == "/" {
         return Err("Path must name a file".into());
     }
-    Ok(p.to_path_buf())
+    Ok(())
 }
 
 /// Merged, sorted byte ranges `[start, end)`: the bytes a ticket moved.
@@ -375,7 +445,9 @@ pub struct Ticket {
     ongoing_tx: watch::Sender<usize>,
     /// Becomes true when the ticket is cancelled.
     canceled_tx: watch::Sender<bool>,
-    store: Mutex<Option<Arc<FileStore>>>,
+    /// The open storage, opened on first use; an NBD connection that
+    /// failed is reopened by the next request.
+    storage: tokio::sync::Mutex<Option<Storage>>,
 }
 
 /// Seconds since the store was made: the clock of `expires`.
@@ -405,7 +477,7 @@ impl Ticket {
             state: Mutex::new(state),
             ongoing_tx: watch::channel(0).0,
             canceled_tx: watch::channel(false).0,
-            store: Mutex::new(None),
+            storage: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -479,20 +551,30 @@ impl Ticket {
         })
     }
 
-    /// The file behind the ticket, opened once (blocking: call from
-    /// `spawn_blocking`).
+    /// The storage behind the ticket: opened once, shared by every
+    /// request; a broken NBD connection is replaced.
     ///
     /// # Errors
-    /// The file cannot be opened.
-    pub fn open_store(&self) -> std::io::Result<Arc<FileStore>> {
-        let mut slot = self.store.lock().unwrap_or_else(|p| p.into_inner());
+    /// The file cannot be opened, or the NBD server cannot be reached.
+    pub(crate) async fn storage(&self) -> std::io::Result<Storage> {
+        let mut slot = self.storage.lock().await;
         if let Some(s) = slot.as_ref() {
-            return Ok(s.clone());
+            if !s.is_broken() {
+                return Ok(s.clone());
+            }
+            tracing::info!(transfer = %self.spec.log_label(), "reconnecting to the NBD server");
         }
-        let writable = self.spec.may(Access::Write);
-        let s = Arc::new(FileStore::open(&self.spec.path, writable)?.with_direct_io());
+        let s = Storage::open(&self.spec.backend, self.spec.may(Access::Write)).await?;
         *slot = Some(s.clone());
         Ok(s)
+    }
+
+    /// Close the storage (NBD: disconnect); the next request reopens it.
+    pub(crate) async fn close_storage(&self) {
+        let taken = self.storage.lock().await.take();
+        if let Some(s) = taken {
+            s.close().await;
+        }
     }
 
     /// Bytes moved so far (union of completed and running op ranges); only
@@ -687,17 +769,23 @@ impl TicketStore {
         };
         ticket.cancel();
         let mut rx = ticket.ongoing_tx.subscribe();
-        let idle = tokio::time::timeout(self.remove_timeout, rx.wait_for(|n| *n == 0)).await;
-        if !matches!(idle, Ok(Ok(_))) {
+        let idle = matches!(
+            tokio::time::timeout(self.remove_timeout, rx.wait_for(|n| *n == 0)).await,
+            Ok(Ok(_))
+        );
+        if !idle {
             return Err(ApiError::Conflict(format!(
                 "Timeout cancelling transfer {}",
                 ticket.spec.transfer_id
             )));
         }
-        let mut map = self.map();
-        if map.get(id).is_some_and(|t| Arc::ptr_eq(t, &ticket)) {
-            map.remove(id);
+        {
+            let mut map = self.map();
+            if map.get(id).is_some_and(|t| Arc::ptr_eq(t, &ticket)) {
+                map.remove(id);
+            }
         }
+        ticket.close_storage().await;
         tracing::info!(ticket = %redact(id), transfer = %ticket.spec.log_label(), "ticket removed");
         Ok(())
     }
@@ -774,6 +862,47 @@ mod tests {
                 .to_string(),
             "Invalid ticket: Required ticket parameter is missing: size"
         );
+    }
+
+    #[test]
+    fn nbd_urls() {
+        let addr = |url: &str| match spec(json!({ "url": url })).unwrap().backend {
+            BackendUrl::Nbd(a) => (a.socket.display().to_string(), a.export),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            addr("nbd:unix:/run/x.sock"),
+            ("/run/x.sock".into(), "".into())
+        );
+        assert_eq!(
+            addr("nbd:unix:/run/x.sock:exportname=sda"),
+            ("/run/x.sock".into(), "sda".into())
+        );
+        assert_eq!(
+            addr("nbd:unix:/run/x.sock:exportname=a:b/c"),
+            ("/run/x.sock".into(), "a:b/c".into())
+        );
+        let err = |url: &str| spec(json!({ "url": url })).unwrap_err().to_string();
+        assert_eq!(
+            err("nbd:localhost:10809"),
+            "Invalid ticket: Invalid value for 'url': 'nbd:localhost:10809': Unsupported NBD URL: \
+             nbd:localhost:10809, expecting nbd:unix:/absolute/path[:exportname=NAME]"
+        );
+        for bad in [
+            "nbd://localhost:10809/sda",
+            "nbd:unix:relative.sock",
+            "nbd:unix:",
+            "nbd:unix:/a/../b.sock",
+            "nbd:unix:/a//b.sock",
+            "nbd:unix:/a/b.sock:export=x",
+            "nbd:unix:/a/b.sock:exportname=x\ny",
+            "nbd:unix:/a/%2e.sock",
+            "nbd:unix:/",
+        ] {
+            assert!(spec(json!({ "url": bad })).is_err(), "{bad}");
+        }
+        let long = format!("nbd:unix:/{}", "x".repeat(120));
+        assert!(err(&long).contains("longer than 107 bytes"));
     }
 
     #[test]

@@ -327,3 +327,71 @@ pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).expect("stat").blocks() * 512
 }
+
+/// A `qemu-nbd` serving a QCOW2 image on a unix socket, started like the
+/// engine starts it for `format=raw` transfers (src/engine/qemu.rs);
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct QemuNbd {
+    /// The unix socket.
+    pub socket: PathBuf,
+    proc: Proc,
+}
+
+impl QemuNbd {
+    /// Serve `image` (qcow2) on `socket` with `--shared=shared`; wait until
+    /// it accepts connections.
+    pub fn start(image: &Path, socket: &Path, shared: u32) -> QemuNbd {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg(format!("--socket={}", socket.display()))
+            .arg("--format=qcow2")
+            .arg(format!("--shared={shared}"))
+            .args(["--persistent", "--allocation-depth", "--discard=unmap"])
+            .arg(image);
+        let proc = Proc::start("qemu-nbd", cmd);
+        wait_until("qemu-nbd listening", START_DEADLINE, || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        });
+        QemuNbd {
+            socket: socket.to_path_buf(),
+            proc,
+        }
+    }
+
+    /// The `nbd:unix:` ticket URL of this server.
+    pub fn url(&self) -> String {
+        format!("nbd:unix:{}", self.socket.display())
+    }
+
+    /// The `nbd+unix://` URI for qemu-img and friends.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// SIGTERM qemu-nbd and wait for it to exit.
+    pub fn stop(&mut self) {
+        self.proc.signal(15);
+        self.proc.wait_exit(std::time::Duration::from_secs(10));
+    }
+}
+
+/// Create an empty QCOW2 image of `size` bytes.
+pub fn create_qcow2(path: &Path, size: u64) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(size.to_string()),
+    );
+}
+
+/// A ticket JSON for an `nbd:` URL.
+pub fn nbd_ticket(id: &str, url: &str, size: u64, ops: &[&str]) -> Value {
+    serde_json::json!({
+        "uuid": id,
+        "size": size,
+        "url": url,
+        "timeout": 300,
+        "ops": ops,
+    })
+}
