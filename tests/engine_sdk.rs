@@ -10,18 +10,15 @@ mod support;
 use support::engine::{HostKind, Setup, have_tools, run_script};
 
 /// Tests `$flow::embedded_host` and `$flow::daemon_host` running
-/// `$flow(HostKind)`; `embedded: #[ignore = ".."]` ignores the first.
-///
-/// Transfers of guest data of QCOW2 disks (`format=raw` of a `cow` disk)
-/// need a qemu-nbd behind an `nbd:unix:` ticket URL, which the embedded
-/// data server does not serve yet: those flows are ignored on it.
+/// `$flow(HostKind)`. Transfers of guest data of QCOW2 disks (`format=raw`
+/// of a `cow` disk) go through the engine's qemu-nbd behind an `nbd:unix:`
+/// ticket on both kinds of host.
 macro_rules! on_both_hosts {
-    ($flow:ident $(, embedded: #[$attr:meta])?) => {
+    ($flow:ident) => {
         mod $flow {
             use super::HostKind;
 
             #[test]
-            $(#[$attr])?
             fn embedded_host() {
                 super::$flow(HostKind::Embedded)
             }
