@@ -38,11 +38,25 @@ fn assert_finished(mut serve: Proc, sock: &Path, what: &str) {
     );
 }
 
-/// `serve --disk NAME --size SIZE` in `dir`, a probe, `qemu-img convert -n
-/// -f FORMAT -O raw SRC URI`: serve finalizes and exits 0.
+/// `serve --disk NAME --size SIZE EXTRA` in `dir`, a probe, `qemu-img
+/// convert -n -f FORMAT -O raw SRC URI`: serve finalizes and exits 0.
 fn upload(data: &Path, dir: &Path, name: &str, size: &str, src: &Path, format: &str) {
+    upload_with(data, dir, name, size, src, format, &[]);
+}
+
+fn upload_with(
+    data: &Path,
+    dir: &Path,
+    name: &str,
+    size: &str,
+    src: &Path,
+    format: &str,
+    extra: &[&str],
+) {
     let sock = dir.join(format!("up-{name}.sock"));
-    let up = serve(data, &sock, &["--disk", name, "--size", size]);
+    let mut args = vec!["--disk", name, "--size", size];
+    args.extend_from_slice(extra);
+    let up = serve(data, &sock, &args);
     let uri = up.first_line.clone();
     assert!(uri.starts_with("nbd+unix:///"), "{uri}");
     // A probe does not end the transfer.
@@ -303,4 +317,49 @@ fn progress_line_on_a_terminal_only() {
             .count();
         assert_eq!(n, 1, "one line for {phase}:\n{err}");
     }
+}
+
+/// A QCOW2 disk (`--format cow`) on the embedded host: the transfer moves
+/// guest data through the engine's qemu-nbd behind an `nbd:unix:` ticket of
+/// the embedded data server; the disk stays a valid QCOW2 holding exactly
+/// the source's guest data.
+#[test]
+fn cow_disk_upload_goes_through_qemu_nbd_and_stays_qcow2() {
+    if !(require("qemu-img") && require("qemu-io") && require("qemu-nbd") && require("nbdinfo")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let src = tmp.path().join("src.qcow2");
+    sparse_qcow2(&src);
+
+    upload_with(
+        &data,
+        tmp.path(),
+        "cowdisk",
+        "64M",
+        &src,
+        "qcow2",
+        &["--format", "cow"],
+    );
+    let image = only_image(&data);
+    let info = run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&image),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], 64 << 20, "{info}");
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    run_ok(Command::new("qemu-img").args(["check", "-q"]).arg(&image));
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&src)
+            .arg(&image),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
+
+    download_compare(&data, tmp.path(), "cowdisk", &src, "qcow2", |_| {});
 }
