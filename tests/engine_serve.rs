@@ -61,28 +61,6 @@ fn qemu_img_through_serve_to_an_engine_disk() {
     assert!(written == std::fs::read(&src).unwrap(), "disk data differs");
 }
 
-/// A sparse qcow2 source: 64 MiB virtual, 3 MiB of data.
-fn sparse_qcow2(path: &std::path::Path) {
-    support::run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(path)
-            .arg("64M"),
-    );
-    support::run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 0x55 1M 2M",
-                "-c",
-                "write -P 0x66 40M 1M",
-            ])
-            .arg(path),
-    );
-}
-
 fn serve_cmd(setup: &support::engine::Setup, socket: &std::path::Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(support::bin());
     cmd.args([
@@ -114,7 +92,7 @@ fn cow_disk_upload_is_guest_data_and_cow_transfers_are_refused() {
     };
     let w = setup.tmp.path();
     let src = w.join("src.qcow2");
-    sparse_qcow2(&src);
+    support::sparse_qcow2(&src);
     let disk = api.new_disk("cow1", "cow", 64 << 20);
 
     let mut up = support::Proc::start_announcing(

@@ -95,28 +95,6 @@ fn download_compare(
     assert_finished(down, &sock, "download");
 }
 
-/// A sparse qcow2 source: 64 MiB virtual, 3 MiB of data.
-fn sparse_qcow2(path: &Path) {
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(path)
-            .arg("64M"),
-    );
-    run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 0x55 1M 2M",
-                "-c",
-                "write -P 0x66 40M 1M",
-            ])
-            .arg(path),
-    );
-}
-
 /// Bytes the file really occupies on disk.
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -141,7 +119,7 @@ fn qcow2_upload_finalizes_and_downloads_identical_with_holes_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let src = tmp.path().join("src.qcow2");
-    sparse_qcow2(&src);
+    support::sparse_qcow2(&src);
 
     upload(&data, tmp.path(), "demo", "64M", &src, "qcow2");
     let used = allocated(&only_image(&data));
@@ -331,7 +309,7 @@ fn cow_disk_upload_goes_through_qemu_nbd_and_stays_qcow2() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let src = tmp.path().join("src.qcow2");
-    sparse_qcow2(&src);
+    support::sparse_qcow2(&src);
 
     upload_with(
         &data,

@@ -526,6 +526,78 @@ fn https_engine_with_ca_file_and_insecure() {
     assert!(status.success(), "download over https: {status}");
 }
 
+/// An upload through `serve --disk` on an engine in `dir/engine` with
+/// `imageio` as host `h1`, whose client wrote, flushed and vanished without
+/// NBD_CMD_DISC: the transfer is `paused_user`, serve keeps listening.
+struct Vanished {
+    engine: support::engine::Engine,
+    api: support::api::Api,
+    disk: String,
+    id: String,
+    bridge: Proc,
+    uri: String,
+    log: PathBuf,
+}
+
+impl Vanished {
+    fn start(dir: &Path, imageio: &support::engine::Imageio, name: &str) -> Vanished {
+        let engine =
+            support::engine::Engine::start(&dir.join("engine"), &[imageio.host_arg("h1")], &[]);
+        let api = support::api::Api {
+            url: engine.url.clone(),
+            password_file: engine.password_file.to_string_lossy().into_owned(),
+        };
+        let disk = api.new_disk(name, "raw", SIZE);
+        let log = dir.join("serve.log");
+        let bridge = serve_logged(
+            &api.url,
+            &api.password_file,
+            &dir.join("nbd.sock"),
+            &log,
+            &["--disk", &disk],
+        );
+        let uri = bridge.first_line.clone();
+        let script = format!(
+            "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
+             h.pwrite(b'x' * 65536, 0)\nh.flush()\nos._exit(0)\n"
+        );
+        run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
+        wait_until("paused_user", Duration::from_secs(30), || {
+            api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
+        });
+        let id = api.transfer_of_disk(&disk).unwrap();
+        Vanished {
+            engine,
+            api,
+            disk,
+            id,
+            bridge,
+            uri,
+            log,
+        }
+    }
+}
+
+/// Stop `engine` and start it again on the same port and data dir
+/// (`dir/engine`) with `host` as its only `--host`.
+fn restart_engine(engine: support::engine::Engine, dir: &Path, host: &str) -> Proc {
+    let port = engine
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    drop(engine);
+    let mut cmd = Command::new(bin());
+    cmd.arg("engine")
+        .arg("--data-dir")
+        .arg(dir.join("engine"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--host", host]);
+    Proc::start_announcing("nbdbridge engine (restarted)", cmd)
+}
+
 /// The engine restarts (same port) with host `h1` now served by another
 /// imageio daemon: after the resume, the transfer's URL changed and the
 /// bridge follows it; the first daemon is gone.
@@ -536,51 +608,20 @@ fn after_a_resume_the_bridge_follows_a_new_data_url() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let first = support::engine::Imageio::start(&tmp.path().join("imageio1"));
-    let data = tmp.path().join("engine");
-    let engine = support::engine::Engine::start(&data, &[first.host_arg("h1")], &[]);
-    let api = support::api::Api {
-        url: engine.url.clone(),
-        password_file: engine.password_file.to_string_lossy().into_owned(),
-    };
-    let disk = api.new_disk("moved", "raw", SIZE);
     let src = tmp.path().join("src.raw");
     write_source(&src);
-    let log = tmp.path().join("serve.log");
-    let mut bridge = serve_logged(
-        &api.url,
-        &api.password_file,
-        &tmp.path().join("nbd.sock"),
-        &log,
-        &["--disk", &disk],
-    );
-    let uri = bridge.first_line.clone();
-    // A client that writes, flushes and dies without NBD_CMD_DISC.
-    let script = format!(
-        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
-         h.pwrite(b'x' * 65536, 0)\nh.flush()\nos._exit(0)\n"
-    );
-    run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
-    wait_until("paused_user", Duration::from_secs(30), || {
-        api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
-    });
-
-    let port = engine
-        .url
-        .trim_start_matches("http://127.0.0.1:")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    drop(engine);
+    let Vanished {
+        engine,
+        api,
+        disk,
+        mut bridge,
+        uri,
+        log,
+        ..
+    } = Vanished::start(tmp.path(), &first, "moved");
     drop(first);
     let second = support::engine::Imageio::start(&tmp.path().join("imageio2"));
-    let mut cmd = Command::new(bin());
-    cmd.arg("engine")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--host", &second.host_arg("h1")]);
-    let _engine = Proc::start_announcing("nbdbridge engine (restarted)", cmd);
+    let _engine = restart_engine(engine, tmp.path(), &second.host_arg("h1"));
 
     run_ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
     let status = bridge.wait_exit(Duration::from_secs(60));
@@ -598,7 +639,7 @@ fn after_a_resume_the_bridge_follows_a_new_data_url() {
         api.phase_of_disk_transfer(&disk).as_deref(),
         Some("finished_success")
     );
-    let image = data.join("images").join(&disk);
+    let image = tmp.path().join("engine/images").join(&disk);
     assert!(
         std::fs::read(&image).unwrap() == std::fs::read(&src).unwrap(),
         "the disk holds exactly the source"
@@ -719,50 +760,18 @@ fn after_a_resume_an_unreachable_data_url_pauses_again() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let imageio = support::engine::Imageio::start(&tmp.path().join("imageio"));
-    let data = tmp.path().join("engine");
-    let engine = support::engine::Engine::start(&data, &[imageio.host_arg("h1")], &[]);
-    let api = support::api::Api {
-        url: engine.url.clone(),
-        password_file: engine.password_file.to_string_lossy().into_owned(),
-    };
-    let disk = api.new_disk("unreachable", "raw", SIZE);
-    let log = tmp.path().join("serve.log");
-    let mut bridge = serve_logged(
-        &api.url,
-        &api.password_file,
-        &tmp.path().join("nbd.sock"),
-        &log,
-        &["--disk", &disk],
-    );
-    let uri = bridge.first_line.clone();
-    // A client that writes, flushes and dies without NBD_CMD_DISC.
-    let script = format!(
-        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\n\
-         h.pwrite(b'x' * 65536, 0)\nh.flush()\nos._exit(0)\n"
-    );
-    run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
-    wait_until("paused_user", Duration::from_secs(30), || {
-        api.phase_of_disk_transfer(&disk).as_deref() == Some("paused_user")
-    });
-    let id = api.transfer_of_disk(&disk).unwrap();
-
-    let port = engine
-        .url
-        .trim_start_matches("http://127.0.0.1:")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    drop(engine);
+    let Vanished {
+        engine,
+        api,
+        disk: _,
+        id,
+        mut bridge,
+        uri,
+        log,
+    } = Vanished::start(tmp.path(), &imageio, "unreachable");
     let dead = format!("http://127.0.0.1:{}", support::closed_port());
-    let mut cmd = Command::new(bin());
-    cmd.arg("engine")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--host")
-        .arg(format!("h1={},{dead}", imageio.control.display()));
-    let _engine = Proc::start_announcing("nbdbridge engine (restarted)", cmd);
+    let host = format!("h1={},{dead}", imageio.control.display());
+    let _engine = restart_engine(engine, tmp.path(), &host);
 
     // A client comes back: its read is held, then fails when serve gives up.
     let script = format!(

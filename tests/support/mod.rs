@@ -387,3 +387,25 @@ pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("local addr").port()
 }
+
+/// A sparse qcow2 source: 64 MiB virtual, 3 MiB of data.
+pub fn sparse_qcow2(path: &std::path::Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg("64M"),
+    );
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x55 1M 2M",
+                "-c",
+                "write -P 0x66 40M 1M",
+            ])
+            .arg(path),
+    );
+}
