@@ -342,7 +342,8 @@ pub mod api {
 }
 
 /// Run `cmd` (stdout and stderr captured) and wait at most `deadline` for
-/// it to exit; a command still running then is killed and the test fails.
+/// it to exit, whatever its status; a command still running then is killed
+/// and the test fails showing what it printed.
 pub fn output_within(cmd: &mut Command, deadline: Duration) -> Output {
     use std::io::Read;
     let mut child = cmd
@@ -371,7 +372,13 @@ pub fn output_within(cmd: &mut Command, deadline: Duration) -> Output {
         if Instant::now() >= end {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not exit within {deadline:?}");
+            let stdout = out.join().unwrap_or_default();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not exit within {deadline:?} (server hung?)\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
