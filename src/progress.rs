@@ -80,8 +80,27 @@ impl Drop for LogWriter {
     }
 }
 
+/// Columns of the terminal on stderr, if it says.
+fn terminal_width() -> Option<usize> {
+    // SAFETY: winsize is plain integers, for which all zeroes is valid.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ only writes the winsize it is given.
+    let rc = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
+}
+
+/// `line` cut to fit `width` columns (one short of it, so the cursor never
+/// wraps to the next line).
+fn fit(line: String, width: Option<usize>) -> String {
+    match width {
+        Some(w) if line.chars().count() >= w => line.chars().take(w.saturating_sub(1)).collect(),
+        _ => line,
+    }
+}
+
 /// Draw `line` in place of the current progress line.
 fn draw(line: String) {
+    let line = fit(line, terminal_width());
     let mut shown = shown();
     let mut err = std::io::stderr().lock();
     let _ = write!(err, "{CLEAR}{line}");
@@ -229,6 +248,15 @@ pub fn format_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_fit_the_terminal() {
+        let line = "upload 1.0 MiB / 64.0 MiB (1%), 3.0 MiB/s, transferring".to_string();
+        assert_eq!(fit(line.clone(), None), line);
+        assert_eq!(fit(line.clone(), Some(200)), line);
+        assert_eq!(fit(line.clone(), Some(21)), "upload 1.0 MiB / 64.");
+        assert_eq!(fit(line, Some(1)), "");
+    }
 
     #[test]
     fn bytes() {
