@@ -148,47 +148,56 @@ impl NbdClient {
     pub async fn connect(address: &NbdAddress) -> Result<NbdClient, Error> {
         let span = tracing::info_span!("nbd_client", socket = %address.socket.display(), export = %address.export);
         async {
-            let setup = async {
-                let mut stream = UnixStream::connect(&address.socket)
-                    .await
-                    .map_err(|source| Error::Connect {
-                        address: address.to_string(),
-                        source,
-                    })?;
-                let info = handshake::negotiate(&mut stream, &address.export).await?;
-                Ok::<_, Error>((stream, info))
-            };
-            let (stream, info) = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup)
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let stream = tokio::time::timeout_at(deadline, UnixStream::connect(&address.socket))
                 .await
-                .map_err(|_| Error::Timeout(address.to_string()))??;
-            tracing::debug!(
-                size = info.size,
-                flags = info.flags,
-                ?info,
-                "NBD export ready"
-            );
-            let (rd, wr) = stream.into_split();
-            let shared = Arc::new(Shared::default());
-            let reader = tokio::spawn(
-                read_replies(
-                    shared.clone(),
-                    BufReader::with_capacity(READ_BUFFER, rd),
-                    info.clone(),
-                )
-                .in_current_span(),
-            );
-            Ok(NbdClient {
-                address: address.clone(),
-                info,
-                shared,
-                writer: tokio::sync::Mutex::new(wr),
-                slots: Semaphore::new(MAX_IN_FLIGHT),
-                next_cookie: AtomicU64::new(1),
-                reader,
-            })
+                .map_err(|_| Error::Timeout(address.to_string()))?
+                .map_err(|source| Error::Connect {
+                    address: address.to_string(),
+                    source,
+                })?;
+            Self::over(stream, address, deadline).await
         }
         .instrument(span)
         .await
+    }
+
+    /// Run the handshake on a connected `stream` (by `deadline`) and start
+    /// the reply reader.
+    pub(crate) async fn over(
+        mut stream: UnixStream,
+        address: &NbdAddress,
+        deadline: tokio::time::Instant,
+    ) -> Result<NbdClient, Error> {
+        let info =
+            tokio::time::timeout_at(deadline, handshake::negotiate(&mut stream, &address.export))
+                .await
+                .map_err(|_| Error::Timeout(address.to_string()))??;
+        tracing::debug!(
+            size = info.size,
+            flags = info.flags,
+            ?info,
+            "NBD export ready"
+        );
+        let (rd, wr) = stream.into_split();
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(
+            read_replies(
+                shared.clone(),
+                BufReader::with_capacity(READ_BUFFER, rd),
+                info.clone(),
+            )
+            .in_current_span(),
+        );
+        Ok(NbdClient {
+            address: address.clone(),
+            info,
+            shared,
+            writer: tokio::sync::Mutex::new(wr),
+            slots: Semaphore::new(MAX_IN_FLIGHT),
+            next_cookie: AtomicU64::new(1),
+            reader,
+        })
     }
 
     /// What the server told about the export.
