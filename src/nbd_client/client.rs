@@ -38,6 +38,7 @@ struct Pending {
     tx: oneshot::Sender<Result<Reply, Error>>,
     data: Option<BytesMut>,
     covered: u64,
+    coverage: reply::Coverage,
     status: Vec<(u32, Vec<(u32, u32)>)>,
     error: Option<reply::ChunkError>,
 }
@@ -256,6 +257,7 @@ impl NbdClient {
                     tx,
                     data: None,
                     covered: 0,
+                    coverage: reply::Coverage::default(),
                     status: Vec::new(),
                     error: None,
                 },
@@ -545,6 +547,11 @@ async fn read_reply(
                     let n = u64::from(h.len) - 8;
                     let at = reply::check_run(offset, n, &p.req)?;
                     let len = p.req.len as usize;
+                    if !p.coverage.mark(len, at, n as usize) {
+                        return Err(Error::Protocol(format!(
+                            "data chunk {offset}+{n} overlaps an earlier chunk"
+                        )));
+                    }
                     let buf = p.data.get_or_insert_with(|| BytesMut::zeroed(len));
                     let dst = buf
                         .get_mut(at..at + n as usize)
@@ -556,8 +563,13 @@ async fn read_reply(
                     let mut payload = [0u8; 12];
                     rd.read_exact(&mut payload).await?;
                     let (offset, n) = reply::parse_hole(&payload);
-                    reply::check_run(offset, n, &p.req)?;
+                    let at = reply::check_run(offset, n, &p.req)?;
                     let len = p.req.len as usize;
+                    if !p.coverage.mark(len, at, n as usize) {
+                        return Err(Error::Protocol(format!(
+                            "hole chunk {offset}+{n} overlaps an earlier chunk"
+                        )));
+                    }
                     // Fresh buffers are zeroed, and runs never overlap.
                     p.data.get_or_insert_with(|| BytesMut::zeroed(len));
                     p.covered += n;

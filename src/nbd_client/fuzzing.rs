@@ -373,6 +373,41 @@ mod tests {
         ok(&out.flush);
     }
 
+    /// Regression: two chunks over the same bytes made a READ look
+    /// complete while half of it was never sent (zeros were returned).
+    #[test]
+    fn overlapping_read_chunks_are_refused() {
+        use crate::nbd::consts::*;
+        let mut s = seed::handshake(1 << 20);
+        let mut data = 0u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7; 4096]);
+        s.extend(seed::chunk(0, NBD_REPLY_TYPE_OFFSET_DATA, 1, &data));
+        s.extend(seed::chunk(
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_OFFSET_DATA,
+            1,
+            &data,
+        ));
+        let out = server_replies(&s);
+        let e = out.read.expect("a READ").expect_err("overlap refused");
+        assert!(e.contains("overlaps"), "{e}");
+        let mut s = seed::handshake(1 << 20);
+        let mut hole = 0u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&8192u32.to_be_bytes());
+        s.extend(seed::chunk(0, NBD_REPLY_TYPE_OFFSET_HOLE, 1, &hole));
+        s.extend(seed::chunk(
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_OFFSET_DATA,
+            1,
+            &data,
+        ));
+        let e = server_replies(&s)
+            .read
+            .expect("a READ")
+            .expect_err("overlap");
+        assert!(e.contains("overlaps"), "{e}");
+    }
+
     #[test]
     fn truncated_sessions_fail_cleanly() {
         let full = seed::valid_session();
