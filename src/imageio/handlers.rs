@@ -471,22 +471,67 @@ async fn patch(
     id: &str,
 ) -> Result<Response<Body>, Failure> {
     let data = super::read_body(req.into_body(), MAX_PATCH_BODY).await?;
-    let msg: Value = serde_json::from_slice(&data)
+    match parse_patch(&data)? {
+        PatchOp::Zero {
+            size,
+            offset,
+            flush: and_flush,
+        } => zero(shared, conn, id, size, offset, and_flush).await,
+        PatchOp::Flush => flush(shared, conn, id).await,
+    }
+}
+
+/// A parsed PATCH message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PatchOp {
+    /// `{"op": "zero", "size": N, "offset": N, "flush": B}`.
+    Zero {
+        /// Bytes to zero.
+        size: u64,
+        /// Where.
+        offset: u64,
+        /// Flush afterwards.
+        flush: bool,
+    },
+    /// `{"op": "flush"}`.
+    Flush,
+}
+
+/// Parse a PATCH body the way imageio does (same texts).
+pub(crate) fn parse_patch(data: &[u8]) -> Result<PatchOp, ApiError> {
+    let msg: Value = serde_json::from_slice(data)
         .map_err(|e| ApiError::BadRequest(format!("Invalid JSON message {e}")))?;
     let Some(msg) = msg.as_object() else {
-        return Err(
-            ApiError::BadRequest("Invalid JSON message: expecting an object".into()).into(),
-        );
+        return Err(ApiError::BadRequest(
+            "Invalid JSON message: expecting an object".into(),
+        ));
     };
     match msg.get("op") {
-        None => Err(ApiError::BadRequest("Missing required value for op".into()).into()),
-        Some(Value::String(op)) if op == "zero" => zero(shared, conn, id, msg).await,
-        Some(Value::String(op)) if op == "flush" => flush(shared, conn, id).await,
+        None => Err(ApiError::BadRequest("Missing required value for op".into())),
+        Some(Value::String(op)) if op == "zero" => {
+            let size = msg_uint(msg, "size", None)?;
+            let offset = msg_uint(msg, "offset", Some(0))?;
+            let flush = match msg.get("flush") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "Boolean required {}",
+                        super::ticket::py_repr(other)
+                    )));
+                }
+            };
+            Ok(PatchOp::Zero {
+                size,
+                offset,
+                flush,
+            })
+        }
+        Some(Value::String(op)) if op == "flush" => Ok(PatchOp::Flush),
         Some(other) => Err(ApiError::BadRequest(format!(
             "Unsupported value {} for 'op', expecting one of ['flush', 'zero']",
             super::ticket::py_repr(other)
-        ))
-        .into()),
+        ))),
     }
 }
 
@@ -510,21 +555,10 @@ async fn zero(
     shared: &Shared,
     conn: &Conn,
     id: &str,
-    msg: &Map<String, Value>,
+    len: u64,
+    offset: u64,
+    flush: bool,
 ) -> Result<Response<Body>, Failure> {
-    let len = msg_uint(msg, "size", None)?;
-    let offset = msg_uint(msg, "offset", Some(0))?;
-    let flush = match msg.get("flush") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "Boolean required {}",
-                super::ticket::py_repr(other)
-            ))
-            .into());
-        }
-    };
     let ticket = authorize(shared, conn, id, Access::Write)?;
     let size = ticket.spec().size;
     if offset.checked_add(len).is_none_or(|end| end > size) {

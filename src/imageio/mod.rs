@@ -60,6 +60,8 @@ mod buffers;
 mod checksum;
 mod control;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handlers;
 mod idle;
 mod range;

@@ -38,6 +38,7 @@ struct Pending {
     tx: oneshot::Sender<Result<Reply, Error>>,
     data: Option<BytesMut>,
     covered: u64,
+    coverage: reply::Coverage,
     status: Vec<(u32, Vec<(u32, u32)>)>,
     error: Option<reply::ChunkError>,
 }
@@ -148,47 +149,56 @@ impl NbdClient {
     pub async fn connect(address: &NbdAddress) -> Result<NbdClient, Error> {
         let span = tracing::info_span!("nbd_client", socket = %address.socket.display(), export = %address.export);
         async {
-            let setup = async {
-                let mut stream = UnixStream::connect(&address.socket)
-                    .await
-                    .map_err(|source| Error::Connect {
-                        address: address.to_string(),
-                        source,
-                    })?;
-                let info = handshake::negotiate(&mut stream, &address.export).await?;
-                Ok::<_, Error>((stream, info))
-            };
-            let (stream, info) = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup)
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let stream = tokio::time::timeout_at(deadline, UnixStream::connect(&address.socket))
                 .await
-                .map_err(|_| Error::Timeout(address.to_string()))??;
-            tracing::debug!(
-                size = info.size,
-                flags = info.flags,
-                ?info,
-                "NBD export ready"
-            );
-            let (rd, wr) = stream.into_split();
-            let shared = Arc::new(Shared::default());
-            let reader = tokio::spawn(
-                read_replies(
-                    shared.clone(),
-                    BufReader::with_capacity(READ_BUFFER, rd),
-                    info.clone(),
-                )
-                .in_current_span(),
-            );
-            Ok(NbdClient {
-                address: address.clone(),
-                info,
-                shared,
-                writer: tokio::sync::Mutex::new(wr),
-                slots: Semaphore::new(MAX_IN_FLIGHT),
-                next_cookie: AtomicU64::new(1),
-                reader,
-            })
+                .map_err(|_| Error::Timeout(address.to_string()))?
+                .map_err(|source| Error::Connect {
+                    address: address.to_string(),
+                    source,
+                })?;
+            Self::over(stream, address, deadline).await
         }
         .instrument(span)
         .await
+    }
+
+    /// Run the handshake on a connected `stream` (by `deadline`) and start
+    /// the reply reader.
+    pub(crate) async fn over(
+        mut stream: UnixStream,
+        address: &NbdAddress,
+        deadline: tokio::time::Instant,
+    ) -> Result<NbdClient, Error> {
+        let info =
+            tokio::time::timeout_at(deadline, handshake::negotiate(&mut stream, &address.export))
+                .await
+                .map_err(|_| Error::Timeout(address.to_string()))??;
+        tracing::debug!(
+            size = info.size,
+            flags = info.flags,
+            ?info,
+            "NBD export ready"
+        );
+        let (rd, wr) = stream.into_split();
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(
+            read_replies(
+                shared.clone(),
+                BufReader::with_capacity(READ_BUFFER, rd),
+                info.clone(),
+            )
+            .in_current_span(),
+        );
+        Ok(NbdClient {
+            address: address.clone(),
+            info,
+            shared,
+            writer: tokio::sync::Mutex::new(wr),
+            slots: Semaphore::new(MAX_IN_FLIGHT),
+            next_cookie: AtomicU64::new(1),
+            reader,
+        })
     }
 
     /// What the server told about the export.
@@ -247,6 +257,7 @@ impl NbdClient {
                     tx,
                     data: None,
                     covered: 0,
+                    coverage: reply::Coverage::default(),
                     status: Vec::new(),
                     error: None,
                 },
@@ -536,6 +547,11 @@ async fn read_reply(
                     let n = u64::from(h.len) - 8;
                     let at = reply::check_run(offset, n, &p.req)?;
                     let len = p.req.len as usize;
+                    if !p.coverage.mark(len, at, n as usize) {
+                        return Err(Error::Protocol(format!(
+                            "data chunk {offset}+{n} overlaps an earlier chunk"
+                        )));
+                    }
                     let buf = p.data.get_or_insert_with(|| BytesMut::zeroed(len));
                     let dst = buf
                         .get_mut(at..at + n as usize)
@@ -547,8 +563,13 @@ async fn read_reply(
                     let mut payload = [0u8; 12];
                     rd.read_exact(&mut payload).await?;
                     let (offset, n) = reply::parse_hole(&payload);
-                    reply::check_run(offset, n, &p.req)?;
+                    let at = reply::check_run(offset, n, &p.req)?;
                     let len = p.req.len as usize;
+                    if !p.coverage.mark(len, at, n as usize) {
+                        return Err(Error::Protocol(format!(
+                            "hole chunk {offset}+{n} overlaps an earlier chunk"
+                        )));
+                    }
                     // Fresh buffers are zeroed, and runs never overlap.
                     p.data.get_or_insert_with(|| BytesMut::zeroed(len));
                     p.covered += n;

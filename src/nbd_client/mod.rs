@@ -21,6 +21,8 @@
 
 mod client;
 mod extents;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod reply;
 

@@ -214,6 +214,47 @@ pub fn check_run(offset: u64, len: u64, req: &RequestView) -> Result<usize, Erro
     }
 }
 
+/// Which bytes of a READ its data and hole chunks covered, so that
+/// overlapping chunks (which the spec forbids, and which would let a
+/// server make a short reply look complete) are refused. One bit per
+/// byte, allocated on the first chunk.
+#[derive(Debug, Default)]
+pub struct Coverage {
+    bits: Vec<u64>,
+}
+
+impl Coverage {
+    /// Mark `at..at + n` of a request of `len` bytes; false if a byte of it
+    /// was covered before (or it lies outside the request).
+    pub fn mark(&mut self, len: usize, at: usize, n: usize) -> bool {
+        if self.bits.is_empty() {
+            self.bits = vec![0; len.div_ceil(64)];
+        }
+        let Some(end) = at.checked_add(n).filter(|&e| e <= len) else {
+            return false;
+        };
+        let mut i = at;
+        while i < end {
+            let bit = i % 64;
+            let take = (64 - bit).min(end - i);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            let Some(word) = self.bits.get_mut(i / 64) else {
+                return false;
+            };
+            if *word & mask != 0 {
+                return false;
+            }
+            *word |= mask;
+            i += take;
+        }
+        true
+    }
+}
+
 /// Parse a hole chunk's 12-byte payload: offset and length.
 pub fn parse_hole(payload: &[u8; 12]) -> (u64, u64) {
     let (off, len) = payload.split_at(8);
@@ -436,6 +477,18 @@ mod tests {
         assert!(check_chunk(&chunk(1, NBD_REPLY_TYPE_ERROR, 6), &bs).is_ok());
         // An unknown error type is still an error, bounded the same way.
         assert!(check_chunk(&chunk(1, 0x8005, 6), &bs).is_ok());
+    }
+
+    #[test]
+    fn coverage_refuses_overlaps() {
+        let mut c = Coverage::default();
+        assert!(c.mark(200, 0, 64));
+        assert!(c.mark(200, 70, 130));
+        assert!(!c.mark(200, 63, 2));
+        assert!(!c.mark(200, 199, 1));
+        assert!(c.mark(200, 64, 6));
+        assert!(!c.mark(200, 0, 1));
+        assert!(!c.mark(200, 150, 100));
     }
 
     #[test]
