@@ -216,10 +216,12 @@ pub fn check_run(offset: u64, len: u64, req: &RequestView) -> Result<usize, Erro
 
 /// Which bytes of a READ its data and hole chunks covered, so that
 /// overlapping chunks (which the spec forbids, and which would let a
-/// server make a short reply look complete) are refused. One bit per
-/// byte, allocated on the first chunk.
+/// server make a short reply look complete) are refused. The first chunk
+/// is kept as a range (a reply that is one chunk, the usual case, costs
+/// nothing more); from the second on, one bit per byte.
 #[derive(Debug, Default)]
 pub struct Coverage {
+    first: Option<(usize, usize)>,
     bits: Vec<u64>,
 }
 
@@ -227,12 +229,26 @@ impl Coverage {
     /// Mark `at..at + n` of a request of `len` bytes; false if a byte of it
     /// was covered before (or it lies outside the request).
     pub fn mark(&mut self, len: usize, at: usize, n: usize) -> bool {
-        if self.bits.is_empty() {
-            self.bits = vec![0; len.div_ceil(64)];
-        }
         let Some(end) = at.checked_add(n).filter(|&e| e <= len) else {
             return false;
         };
+        if self.bits.is_empty() {
+            match self.first {
+                None => {
+                    self.first = Some((at, end));
+                    return true;
+                }
+                Some((a, e)) => {
+                    self.bits = vec![0; len.div_ceil(64)];
+                    self.set(a, e);
+                }
+            }
+        }
+        self.set(at, end)
+    }
+
+    /// Set the bits of `at..end`; false if one was set already.
+    fn set(&mut self, at: usize, end: usize) -> bool {
         let mut i = at;
         while i < end {
             let bit = i % 64;
@@ -489,6 +505,14 @@ mod tests {
         assert!(c.mark(200, 64, 6));
         assert!(!c.mark(200, 0, 1));
         assert!(!c.mark(200, 150, 100));
+        // One chunk for the whole read: no bitmap; a second one overlapping
+        // it is still refused.
+        let mut c = Coverage::default();
+        assert!(c.mark(100, 0, 100));
+        assert!(c.bits.is_empty());
+        assert!(!c.mark(100, 50, 1));
+        let mut c = Coverage::default();
+        assert!(!c.mark(100, 90, 20));
     }
 
     #[test]
