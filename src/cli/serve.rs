@@ -8,6 +8,7 @@ use nbdbridge::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use nbdbridge::engine::{self, Engine, embedded};
 use nbdbridge::nbd::consts::QEMU_DIRTY_BITMAP;
 use nbdbridge::nbd::{Export, Exports, Listener, Server};
+use nbdbridge::ovirt::{DiskStatus, Format};
 use nbdbridge::progress::{Progress, Sample};
 use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt, redact_url, scrub};
 use nbdbridge::session::{Direction, EngineClient, EngineConfig, Target};
@@ -279,7 +280,7 @@ async fn embedded_disk(
     args: &ServeArgs,
 ) -> Result<String, CliError> {
     if let Some(d) = client.find_disk(name).await? {
-        tracing::info!(disk = %d.id, name, status = ?d.status, "disk");
+        tracing::info!(disk = %d.id, name, status = d.status.map_or("unknown", DiskStatus::as_str), "disk");
         return Ok(d.id);
     }
     let size = args.size.ok_or_else(|| {
@@ -289,19 +290,23 @@ async fn embedded_disk(
         )
     })?;
     let format = match args.format {
-        FormatArg::Raw => "raw",
-        FormatArg::Cow => "cow",
+        FormatArg::Raw => Format::Raw,
+        FormatArg::Cow => Format::Cow,
     };
     let d = client.add_disk(name, size, format, None).await?;
-    tracing::info!(disk = %d.id, name, size, format, "disk created");
+    tracing::info!(disk = %d.id, name, size, %format, "disk created");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let now = client.disk(&d.id).await?;
-        if now.status.as_deref() == Some("ok") {
+        if now.status == Some(DiskStatus::Ok) {
             return Ok(d.id);
         }
         if std::time::Instant::now() > deadline {
-            return Err(format!("disk '{name}' is still {:?}", now.status).into());
+            return Err(format!(
+                "disk '{name}' is still {}",
+                now.status.map_or("in an unknown state", DiskStatus::as_str)
+            )
+            .into());
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

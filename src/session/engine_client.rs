@@ -4,7 +4,7 @@
 
 use super::error::{Error, Result};
 use crate::backend::imageio::{TlsOptions, build_client};
-use crate::ovirt::{Action, Direction, Phase};
+use crate::ovirt::{Action, Direction, DiskStatus, Format, Phase};
 use quick_xml::escape::escape;
 use serde::Deserialize;
 use std::sync::Mutex;
@@ -47,8 +47,9 @@ pub struct Transfer {
     pub transferred: Option<u64>,
     /// Inactivity timeout in seconds.
     pub inactivity_timeout: Option<u64>,
-    /// `raw` (guest data) or `cow` (the QCOW2 file's own bytes).
-    pub format: Option<String>,
+    /// `raw` (guest data) or `cow` (the QCOW2 file's own bytes); `None`
+    /// when absent or a value we do not know.
+    pub format: Option<Format>,
 }
 
 /// What we read of a `disk`.
@@ -60,10 +61,10 @@ pub struct Disk {
     pub alias: Option<String>,
     /// Virtual size in bytes.
     pub provisioned_size: Option<u64>,
-    /// `raw` or `cow`.
-    pub format: Option<String>,
-    /// `ok`, `locked`, `illegal`.
-    pub status: Option<String>,
+    /// `raw` or `cow` (`None`: absent or unknown).
+    pub format: Option<Format>,
+    /// `ok`, `locked`, `illegal` (`None`: absent or unknown).
+    pub status: Option<DiskStatus>,
     /// Thin provisioned.
     pub sparse: Option<bool>,
 }
@@ -289,7 +290,7 @@ impl EngineClient {
             "  <direction>{}</direction>\n",
             direction.as_str()
         ));
-        xml.push_str("  <format>raw</format>\n");
+        xml.push_str(&format!("  <format>{}</format>\n", Format::Raw));
         xml.push_str(&format!("  <disk id=\"{}\"/>\n", escape(disk_id)));
         if let Some(h) = host_id {
             xml.push_str(&format!("  <host id=\"{}\"/>\n", escape(h)));
@@ -356,12 +357,12 @@ impl EngineClient {
         &self,
         alias: &str,
         size: u64,
-        format: &str,
+        format: Format,
         domain: Option<&str>,
     ) -> Result<Disk> {
         let mut xml = String::from("<disk>\n");
         xml.push_str(&format!("  <alias>{}</alias>\n", escape(alias)));
-        xml.push_str(&format!("  <format>{}</format>\n", escape(format)));
+        xml.push_str(&format!("  <format>{format}</format>\n"));
         xml.push_str(&format!("  <name>{}</name>\n", escape(alias)));
         xml.push_str(&format!("  <provisioned_size>{size}</provisioned_size>\n"));
         xml.push_str("  <sparse>true</sparse>\n");
@@ -403,7 +404,7 @@ fn parse_transfer(body: &[u8]) -> Result<Transfer> {
         disk_id: t.disk.or(t.image).and_then(|l| l.id),
         transferred: t.transferred,
         inactivity_timeout: t.inactivity_timeout,
-        format: t.format.filter(|f| !f.is_empty()),
+        format: t.format.as_deref().and_then(Format::parse),
     })
 }
 
@@ -414,8 +415,8 @@ fn disk_of(d: DiskXml) -> Result<Disk> {
             .ok_or_else(|| Error::Protocol("disk without id".into()))?,
         alias: d.alias.or(d.name),
         provisioned_size: d.provisioned_size,
-        format: d.format,
-        status: d.status,
+        format: d.format.as_deref().and_then(Format::parse),
+        status: d.status.as_deref().and_then(DiskStatus::parse),
         sparse: d.sparse,
     })
 }
@@ -492,7 +493,7 @@ mod tests {
         );
         assert_eq!(t.disk_id.as_deref(), Some("d1"));
         assert_eq!(t.transferred, Some(42));
-        assert_eq!(t.format.as_deref(), Some("raw"));
+        assert_eq!(t.format, Some(Format::Raw));
         let odd = br#"<image_transfer id="x"><phase>TRANSFERRING</phase><direction>download</direction></image_transfer>"#;
         let t = parse_transfer(odd).unwrap();
         assert_eq!(

@@ -3,8 +3,7 @@
 
 use super::engine_client::{EngineClient, Transfer};
 use super::error::{Error, Result};
-use crate::ovirt::Phase;
-use crate::ovirt::{Action, Direction};
+use crate::ovirt::{Action, Direction, DiskStatus, Format, Phase};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -69,7 +68,7 @@ impl TransferSession {
         tracing::info!(
             transfer = %current.id,
             phase = %current.phase,
-            format = current.format.as_deref().unwrap_or("?"),
+            format = current.format.map_or("?", Format::as_str),
             "transfer {}", current.phase
         );
         let phase = watch::channel(current.phase).0;
@@ -78,7 +77,7 @@ impl TransferSession {
             current,
             phase,
         };
-        if session.current.format.as_deref() == Some("cow") && !allow_cow {
+        if session.current.format == Some(Format::Cow) && !allow_cow {
             let id = session.current.id.clone();
             if matches!(target, Target::Disk { .. }) {
                 // We created it: do not leave it behind.
@@ -252,7 +251,7 @@ impl TransferSession {
             return Ok(Phase::FinishedSuccess);
         };
         match self.client.disk(disk_id).await {
-            Ok(d) if d.status.as_deref() == Some("ok") => Ok(Phase::FinishedSuccess),
+            Ok(d) if d.status == Some(DiskStatus::Ok) => Ok(Phase::FinishedSuccess),
             Ok(_) => Ok(Phase::FinishedFailure),
             Err(e) if e.is_not_found() => Ok(Phase::FinishedFailure),
             Err(e) => Err(e),
