@@ -12,6 +12,9 @@
 //! - [`nbd_client`]: an async NBD client (the data server's `nbd:` tickets).
 //! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
 //!   image transfer phases, state in SQLite).
+//! - [`phases`]: the phase rules of `serve` (when a transfer is finalized,
+//!   paused, resumed or left) as a pure state machine, with the download
+//!   coverage it reads.
 //! - [`session`]: the image transfer session (engine REST client, phases).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging;
 //!   [`progress`]: the progress line on a terminal.
@@ -25,6 +28,7 @@ pub mod imageio;
 pub mod nbd;
 pub mod nbd_client;
 pub mod ovirt;
+pub mod phases;
 pub mod progress;
 pub mod session;
 pub mod shutdown;
