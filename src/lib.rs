@@ -20,11 +20,13 @@
 
 pub mod backend;
 pub mod bufpool;
+pub mod captive;
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod nbd_client;
 pub mod ovirt;
+pub mod phases;
 pub mod progress;
 pub mod session;
 pub mod shutdown;
