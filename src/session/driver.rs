@@ -24,7 +24,7 @@ use super::gate::{Gate, GateState, GatedBackend};
 use super::transfer::{Target, TransferSession};
 use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use crate::backend::{Backend, ExtentContext};
-use crate::nbd::{End, Export, Exports, Listener, Observer, Server};
+use crate::nbd::{End, Export, Exports, HandshakeOptions, Listener, Observer, Server};
 use crate::ovirt::Direction;
 use crate::ovirt::Phase;
 use crate::progress::{Progress, Sample};
@@ -66,6 +66,8 @@ pub struct DriverOptions {
     pub progress: bool,
     /// Serve the ticket's dirty extents as `qemu:dirty-bitmap:<name>`.
     pub dirty_bitmap: Option<String>,
+    /// NBD TLS and the handshake deadline.
+    pub handshake: HandshakeOptions,
 }
 
 /// How a transfer `serve` ended.
@@ -138,11 +140,15 @@ pub async fn run(
     let stop = Shutdown::new();
     let (tx, mut events) = mpsc::unbounded_channel();
     let server = Arc::new(
-        Server::new(Exports::single(export), stop.clone()).with_observer(Arc::new(Watcher { tx })),
+        Server::new(Exports::single(export), stop.clone())
+            .with_observer(Arc::new(Watcher { tx }))
+            .with_handshake(options.handshake.clone()),
     );
     let mut signals =
         shutdown::Signals::install().map_err(|e| Error::Config(format!("signals: {e}")))?;
-    let uri = options.listener.uri(&options.export_name);
+    let uri = options
+        .listener
+        .uri(&options.export_name, options.handshake.tls_mode());
     let mut serving = Some(tokio::spawn(Arc::clone(&server).serve(options.listener)));
     announce(&uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
     tracing::info!(%uri, transfer = %session.transfer().id, ?direction, "serving the transfer");

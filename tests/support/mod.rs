@@ -216,6 +216,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
+pub mod tls;
 
 /// The engine REST API as the serve tests drive it: log in, call, create
 /// disks and transfers, read phases.
