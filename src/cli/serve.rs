@@ -379,7 +379,7 @@ fn handshake_options(args: &ServeArgs) -> Result<HandshakeOptions, CliError> {
     Ok(HandshakeOptions {
         tls,
         limit: (args.handshake_limit > 0)
-            .then(|| std::time::Duration::from_secs(args.handshake_limit)),
+            .then_some(std::time::Duration::from_secs(args.handshake_limit)),
     })
 }
 
