@@ -13,6 +13,8 @@
 //! - [`engine`]: the engine-compatible control plane (REST API v4, SSO,
 //!   image transfer phases, state in SQLite).
 //! - [`session`]: the image transfer session (engine REST client, phases).
+//! - [`net`]: the one accept loop every listener uses (connection cap,
+//!   backoff, TCP keepalive, orderly stop).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging;
 //!   [`progress`]: the progress line on a terminal.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -24,6 +26,7 @@ pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod nbd_client;
+pub mod net;
 pub mod ovirt;
 pub mod progress;
 pub mod session;

@@ -87,6 +87,17 @@ pub struct ServeArgs {
     /// Listen on TCP HOST:PORT instead (port 0 picks a free port).
     #[arg(long)]
     listen: Option<String>,
+    /// Most NBD clients served at once (qemu-nbd's `-e/--shared`; 0: no
+    /// limit, i.e. 65536); more wait in the listen backlog until one leaves.
+    #[arg(
+        short = 'e',
+        long,
+        visible_alias = "shared",
+        value_name = "N",
+        default_value_t = nbdbridge::nbd::listener::MAX_CONNECTIONS,
+        value_parser = parse_max_connections
+    )]
+    max_connections: usize,
     /// Export name.
     #[arg(long, default_value = "")]
     export_name: String,
@@ -135,6 +146,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Highest connection cap; `0` (qemu-nbd's "no limit") means this.
+const MAX_CONNECTIONS_CAP: usize = 65536;
+
+/// A connection cap: 1 to 65536, or 0 for qemu-nbd's "no limit" (65536).
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Ok(MAX_CONNECTIONS_CAP),
+        Ok(n) if n <= MAX_CONNECTIONS_CAP => Ok(n),
+        _ => Err(format!(
+            "'{s}': expected a number of clients from 1 to {MAX_CONNECTIONS_CAP} (0: no limit)"
+        )),
+    }
 }
 
 /// A bitmap name (`qemu:dirty-bitmap:` in front is accepted and dropped).
@@ -233,6 +258,8 @@ async fn serve_embedded(args: &ServeArgs, name: &str) -> Result<ExitCode, CliErr
             hosts: vec![embedded::host_spec(&data_server)],
             timing: engine::Timing::default(),
             tls: None,
+            max_connections: engine::MAX_CONNECTIONS,
+            header_timeout: engine::HEADER_TIMEOUT,
         },
         stop.clone(),
     )
@@ -331,6 +358,7 @@ async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptio
         allow_cow: args.allow_cow,
         progress: nbdbridge::progress::stderr_is_terminal(),
         dirty_bitmap: args.dirty_bitmap.clone(),
+        max_connections: args.max_connections,
     })
 }
 
@@ -405,7 +433,10 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
         Arc::clone(&backend),
     );
     let shutdown = Shutdown::new();
-    let server = Arc::new(Server::new(Exports::single(export), shutdown.clone()));
+    let server = Arc::new(
+        Server::new(Exports::single(export), shutdown.clone())
+            .with_max_connections(args.max_connections),
+    );
     let uri = listener.uri(&args.export_name);
     tracing::info!(%uri, "serving");
     let mut signals = shutdown::Signals::install()?;
@@ -439,7 +470,16 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_bitmap, parse_size};
+    use super::{parse_bitmap, parse_max_connections, parse_size};
+
+    #[test]
+    fn connection_caps() {
+        assert_eq!(parse_max_connections("1"), Ok(1));
+        assert_eq!(parse_max_connections("128"), Ok(128));
+        assert_eq!(parse_max_connections("0"), Ok(65536));
+        assert!(parse_max_connections("65537").is_err());
+        assert!(parse_max_connections("x").is_err());
+    }
 
     #[test]
     fn bitmap_names() {

@@ -181,8 +181,19 @@ fn read_disk(conn: &Connection, id: &str) -> rusqlite::Result<Option<Disk>> {
 impl Db {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path) -> Result<Db> {
+        // 0600 from the start: it holds ticket ids. SQLite gives the -wal
+        // and -shm files the database file's mode.
+        super::private::touch(path)?;
+        for side in ["-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(side);
+            super::private::narrow_file(Path::new(&name))?;
+        }
         let conn = Connection::open(path)?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+        // FULL: a commit (a phase change such as finished_success) is on
+        // disk before the call returns, also across a power loss; NORMAL
+        // in WAL mode may roll the last commits back.
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Db {
             conn: Mutex::new(conn),
@@ -193,6 +204,13 @@ impl Db {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (each statement is atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[cfg(test)]
+    fn synchronous(&self) -> i64 {
+        self.lock()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap_or(-1)
     }
 
     // ---- disks ----
@@ -395,6 +413,24 @@ impl Db {
 mod tests {
     use super::*;
     use crate::engine::model::new_id;
+
+    #[test]
+    fn full_sync_and_private_files() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.db");
+        let db = Db::open(&path).unwrap();
+        // 2 = FULL: a commit is durable when the call returns.
+        assert_eq!(db.synchronous(), 2);
+        db.insert_disk(&disk(&new_id())).unwrap();
+        let mode = |suffix: &str| {
+            let p = dir.path().join(format!("engine.db{suffix}"));
+            std::fs::metadata(&p).map(|m| m.mode() & 0o777).unwrap()
+        };
+        assert_eq!(mode(""), 0o600);
+        assert_eq!(mode("-wal"), 0o600);
+        assert_eq!(mode("-shm"), 0o600);
+    }
 
     fn disk(id: &str) -> Disk {
         Disk {

@@ -51,12 +51,14 @@ pub struct Server<B> {
     config: TransmissionConfig,
     shutdown: Shutdown,
     observer: Arc<dyn Observer>,
+    max_connections: usize,
 }
 
 impl<B> std::fmt::Debug for Server<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("config", &self.config)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -69,7 +71,20 @@ impl<B: Backend> Server<B> {
             config: TransmissionConfig::default(),
             shutdown,
             observer: Arc::new(NoObserver),
+            max_connections: listener::MAX_CONNECTIONS,
         }
+    }
+
+    /// Serve at most `n` clients at once (qemu-nbd's `-e/--shared`); more
+    /// wait in the listen backlog.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Most clients served at once.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// Set the in-flight limits.

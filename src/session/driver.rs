@@ -66,6 +66,8 @@ pub struct DriverOptions {
     pub progress: bool,
     /// Serve the ticket's dirty extents as `qemu:dirty-bitmap:<name>`.
     pub dirty_bitmap: Option<String>,
+    /// Most NBD clients served at once (`serve --max-connections`).
+    pub max_connections: usize,
 }
 
 /// How a transfer `serve` ended.
@@ -138,7 +140,9 @@ pub async fn run(
     let stop = Shutdown::new();
     let (tx, mut events) = mpsc::unbounded_channel();
     let server = Arc::new(
-        Server::new(Exports::single(export), stop.clone()).with_observer(Arc::new(Watcher { tx })),
+        Server::new(Exports::single(export), stop.clone())
+            .with_observer(Arc::new(Watcher { tx }))
+            .with_max_connections(options.max_connections),
     );
     let mut signals =
         shutdown::Signals::install().map_err(|e| Error::Config(format!("signals: {e}")))?;
