@@ -36,12 +36,12 @@ pub fn dir(dir: &Path) -> Result<()> {
     if mode & 0o1000 != 0 || !ours {
         tracing::warn!(
             dir = %dir.display(),
-            mode = format!("{mode:o}"),
+            mode = %format!("{mode:o}"),
             "the data dir is shared; leaving its mode alone (use a dir of its own)"
         );
         return Ok(());
     }
-    tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), "narrowing the mode to 0700");
+    tracing::info!(dir = %dir.display(), mode = %format!("{mode:o}"), "narrowing the mode to 0700");
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
         .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))
 }
