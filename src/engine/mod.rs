@@ -21,6 +21,7 @@
 //! `cli/engine.rs`).
 
 mod api;
+mod backup;
 mod db;
 mod disk;
 pub mod embedded;
@@ -108,6 +109,8 @@ pub struct Timing {
     pub keep_succeeded: Duration,
     /// How long failed transfers stay readable (30 min).
     pub keep_failed: Duration,
+    /// How often the hosts' control APIs are probed for their status.
+    pub host_check: Duration,
 }
 
 impl Default for Timing {
@@ -118,6 +121,7 @@ impl Default for Timing {
             inactivity_timeout: 60,
             keep_succeeded: Duration::from_secs(15 * 60),
             keep_failed: Duration::from_secs(30 * 60),
+            host_check: Duration::from_secs(5),
         }
     }
 }
@@ -192,6 +196,7 @@ pub(crate) struct State {
     images: Images,
     nbd: qemu::NbdServers,
     hosts: Vec<Host>,
+    host_status: host::HostStatuses,
     config: Timing,
     password: String,
     base: String,
@@ -342,6 +347,7 @@ impl Engine {
             images,
             nbd,
             hosts,
+            host_status: host::HostStatuses::default(),
             config: config.timing.clone(),
             password,
             base: "/ovirt-engine/api".to_string(),
@@ -354,6 +360,15 @@ impl Engine {
                 let id = t.id.clone();
                 transfer::check_at_start(&state, t).await;
                 transfer::spawn_driver(state.clone(), id);
+            }
+        }
+        // Know which hosts are up before the first transfer picks one.
+        host::check_hosts(&state.hosts, &state.host_status).await;
+        spawn_host_monitor(state.clone());
+        for b in state.db.backups(None)? {
+            if !b.phase.is_finished() {
+                tracing::info!(backup = %b.id, phase = %b.phase, "resuming the backup driver");
+                backup::spawn_driver(state.clone(), b.id);
             }
         }
         spawn_janitor(state.clone());
@@ -454,6 +469,20 @@ where
     }
 }
 
+/// Keep the hosts' status: probe their control APIs every
+/// [`Timing::host_check`].
+fn spawn_host_monitor(state: Arc<State>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(state.config.host_check) => {}
+                _ = state.shutdown.wait() => break,
+            }
+            host::check_hosts(&state.hosts, &state.host_status).await;
+        }
+    });
+}
+
 /// Forget finished transfers after their keep time.
 fn spawn_janitor(state: Arc<State>) {
     tokio::spawn(async move {
@@ -518,11 +547,15 @@ mod tests {
                         let record = record.clone();
                         async move {
                             let method = req.method().to_string();
+                            // Host status probes are not part of a transfer.
+                            let probe = req.uri().path().ends_with(host::PROBE_TICKET);
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            record.lock().unwrap().push((
-                                method.clone(),
-                                String::from_utf8_lossy(&body).into_owned(),
-                            ));
+                            if !probe {
+                                record.lock().unwrap().push((
+                                    method.clone(),
+                                    String::from_utf8_lossy(&body).into_owned(),
+                                ));
+                            }
                             if method == "PUT" {
                                 tokio::time::sleep(fake.put_delay).await;
                             }
@@ -601,6 +634,7 @@ mod tests {
             format: model::Format::Raw,
             provisioned_size: 1 << 20,
             status: model::DiskStatus::Ok,
+            backup: model::DiskBackup::None,
         };
         state.images.create(&disk).unwrap();
         state.db.insert_disk(&disk).unwrap();
