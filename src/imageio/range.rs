@@ -25,7 +25,7 @@ pub struct ContentRange {
 impl ContentRange {
     /// Bytes the range names, if it names its last byte. Never overflows:
     /// [`parse_content_range`] refuses a range whose length is not a u64.
-    pub fn len(&self) -> Option<u64> {
+    pub fn length(&self) -> Option<u64> {
         self.last
             .and_then(|last| last.checked_sub(self.first))
             .and_then(|n| n.checked_add(1))
@@ -213,8 +213,11 @@ mod tests {
         assert_eq!(e.0, 400);
         assert!(e.1.contains("longer than"), "{}", e.1);
         let top = parse_content_range(&format!("bytes 1-{max}/*")).unwrap();
-        assert_eq!(top.len(), Some(max));
-        assert_eq!(parse_content_range("bytes 5-*/*").unwrap().len(), None);
-        assert_eq!(parse_content_range("bytes 5-5/*").unwrap().len(), Some(1));
+        assert_eq!(top.length(), Some(max));
+        assert_eq!(parse_content_range("bytes 5-*/*").unwrap().length(), None);
+        assert_eq!(
+            parse_content_range("bytes 5-5/*").unwrap().length(),
+            Some(1)
+        );
     }
 }

@@ -32,7 +32,7 @@ pub(super) async fn put(
                 Failure::closing(ApiError::BadRequest("Invalid Content-Range".into()))
             })?;
             let cr = parse_content_range(text).map_err(Failure::closing)?;
-            if let Some(n) = cr.len() {
+            if let Some(n) = cr.length() {
                 if n != len && len != 0 {
                     return Err(Failure::closing(ApiError::BadRequest(format!(
                         "Content-Range '{text}' does not match Content-Length {len}"
