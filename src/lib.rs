@@ -23,6 +23,7 @@
 
 pub mod backend;
 pub mod bufpool;
+pub mod captive;
 pub mod engine;
 pub mod imageio;
 pub mod nbd;

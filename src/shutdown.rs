@@ -45,12 +45,14 @@ impl Shutdown {
     }
 }
 
-/// SIGINT and SIGTERM handlers, installed at once so that a signal that
-/// arrives right after a contract line is printed is not lost.
+/// SIGINT, SIGTERM and SIGHUP handlers, installed at once so that a signal
+/// that arrives right after a contract line is printed is not lost.
+/// (`--exit-with-parent` makes the parent's death a SIGTERM.)
 #[derive(Debug)]
 pub struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -63,14 +65,16 @@ impl Signals {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Wait for the next SIGINT or SIGTERM; its name.
+    /// Wait for the next SIGINT, SIGTERM or SIGHUP; its name.
     pub async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.int.recv() => "SIGINT",
             _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }

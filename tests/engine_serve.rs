@@ -178,8 +178,29 @@ fn cow_disk_upload_is_guest_data_and_cow_transfers_are_refused() {
         info.contains("\"format\": \"qcow2\""),
         "--allow-cow shows the QCOW2 container: {info}"
     );
-    // It read data and left with DISC: the download is finalized.
+    // `qemu-img info` is a probe: it read the header and left, but the
+    // download is not copied yet, so it is not the end.
+    assert!(raw.running(), "a probe must not end a download");
+    assert_eq!(api.phase(&cow).as_deref(), Some("transferring"));
+    // The copy reads every byte of data: then it is finalized.
+    let copy = w.join("container.qcow2");
+    support::run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&raw.first_line)
+            .arg(&copy),
+    );
     let status = raw.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "--allow-cow serve: {status}");
     assert_eq!(api.phase(&cow).as_deref(), Some("finished_success"));
+    let out = support::run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&src)
+            .arg(&copy),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("identical"),
+        "the container bytes make the same guest data"
+    );
 }

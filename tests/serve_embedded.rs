@@ -341,3 +341,76 @@ fn cow_disk_upload_goes_through_qemu_nbd_and_stays_qcow2() {
 
     download_compare(&data, tmp.path(), "cowdisk", &src, "qcow2", |_| {});
 }
+
+/// The embedded default as a user meets a paused upload: a writer vanishes
+/// (paused), SIGINT ends serve and prints the command that resumes it;
+/// `serve --disk` on the held disk names the transfer and that command
+/// instead of a bare 409; the printed command, run verbatim from another
+/// directory, serves the transfer again (`--transfer ID` without
+/// `--engine-url`) and nbdcopy completes it.
+#[test]
+fn a_paused_upload_is_named_and_resumed_verbatim() {
+    if !(require("nbdcopy") && require(support::SYSTEM_PYTHON)) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sock = tmp.path().join("held.sock");
+    let src = tmp.path().join("src.raw");
+    let mut bytes = support::pattern(3, 8 << 20);
+    bytes.resize(64 << 20, 0);
+    std::fs::write(&src, &bytes).unwrap();
+
+    let mut up = serve(&data, &sock, &["--disk", "held", "--size", "64M"]);
+    let script = format!(
+        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({:?})\n\
+         h.pwrite(b'x' * 65536, 0)\nos._exit(0)\n",
+        up.first_line
+    );
+    run_ok(Command::new(support::SYSTEM_PYTHON).arg("-c").arg(&script));
+    support::wait_until("paused", Duration::from_secs(60), || {
+        std::fs::read_to_string(log_path(&sock))
+            .unwrap_or_default()
+            .contains("transfer paused_user")
+    });
+    up.signal(2);
+    let status = up.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "an interrupted upload exits non-zero");
+    let log = std::fs::read_to_string(log_path(&sock)).unwrap();
+    let resume = log
+        .lines()
+        .find_map(|l| l.split("resume it with: ").nth(1))
+        .unwrap_or_else(|| panic!("no resume command:\n{log}"))
+        .trim()
+        .to_string();
+
+    let again = support::output_within(
+        Command::new(bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--socket")
+            .arg(tmp.path().join("other.sock"))
+            .args(["--disk", "held"]),
+        Duration::from_secs(60),
+    );
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("is held by upload transfer") && err.contains(&resume),
+        "names the transfer and the command: {err}\nwant: {resume}"
+    );
+    assert!(again.stdout.is_empty(), "no URI");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(&resume).current_dir(elsewhere.path());
+    let mut resumed = Proc::start_announcing("the printed resume command", cmd);
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&resumed.first_line));
+    let status = resumed.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "resumed serve: {status}");
+    assert!(
+        std::fs::read(only_image(&data)).unwrap() == bytes,
+        "the disk holds exactly the source"
+    );
+}

@@ -6,6 +6,7 @@
 
 mod error;
 pub mod file;
+pub mod gate;
 pub mod imageio;
 pub mod memory;
 

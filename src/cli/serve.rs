@@ -5,6 +5,7 @@ use super::{CliError, announce};
 use nbdbridge::Backend;
 use nbdbridge::backend::file::FileBackend;
 use nbdbridge::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
+use nbdbridge::captive::{Captive, RunEnv};
 use nbdbridge::engine::{self, Engine, embedded};
 use nbdbridge::nbd::consts::QEMU_DIRTY_BITMAP;
 use nbdbridge::nbd::{Export, Exports, Listener, Server};
@@ -48,7 +49,9 @@ pub struct ServeArgs {
     /// Transfer direction for `--disk`.
     #[arg(long, value_enum, default_value = "upload")]
     direction: DirectionArg,
-    /// Attach to this existing transfer (e.g. one paused earlier).
+    /// Attach to this existing transfer (e.g. one paused earlier): of the
+    /// engine at `--engine-url`, or without it of the embedded engine over
+    /// `--data-dir`.
     #[arg(long)]
     transfer: Option<String>,
     /// Serve a transfer whose format is cow: clients then see the QCOW2
@@ -100,6 +103,22 @@ pub struct ServeArgs {
     /// backup); a ticket without dirty extents is refused at the start.
     #[arg(long, value_name = "NAME", value_parser = parse_bitmap)]
     dirty_bitmap: Option<String>,
+    /// Once serving, run CMD through `sh -c` with `$uri`, `$exportname`,
+    /// `$port`, `$unixsocket` and `$tls` set (nbdkit's captive mode), e.g.
+    /// `--run 'qemu-img convert -n src.qcow2 "$uri"'`. Its exit decides: 0
+    /// finalizes a transfer (an upload only if no command failed), non-zero
+    /// pauses an upload (or cancels it with `--on-interrupt cancel`) and
+    /// finalizes a download; serve then exits with CMD's status.
+    #[arg(long, value_name = "CMD")]
+    run: Option<String>,
+    /// Write serve's process id to this file once it accepts clients
+    /// (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// Exit when the parent process exits, as on SIGTERM (an upload is
+    /// paused, a download finalized).
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 /// Transfer direction.
@@ -156,8 +175,27 @@ enum InterruptArg {
     Cancel,
 }
 
-/// Serve until SIGINT / SIGTERM, then finish in-flight requests and flush.
+/// Serve until the transfer ends (or, for `--file` / `--imageio-url`,
+/// SIGINT / SIGTERM / SIGHUP or the `--run` command's exit), then finish
+/// in-flight requests and flush.
 pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
+    // First of all, so that no signal is lost, even one sent the moment
+    // the parent dies.
+    let signals = shutdown::Signals::install()?;
+    if args.exit_with_parent {
+        exit_with_parent()?;
+    }
+    let pid_file = PidFile::new(args.pid_file.clone());
+    let code = serve_any(&args, signals, &pid_file).await;
+    pid_file.remove();
+    code
+}
+
+async fn serve_any(
+    args: &ServeArgs,
+    signals: shutdown::Signals,
+    pid_file: &PidFile,
+) -> Result<ExitCode, CliError> {
     if let Some(name) = &args.dirty_bitmap {
         if args.disk.is_some() {
             return Err(format!(
@@ -175,16 +213,16 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
         }
     }
     if let Some(url) = &args.engine_url {
-        return serve_transfer(&args, url).await;
+        return serve_transfer(args, url, signals, pid_file).await;
     }
-    if let Some(disk) = &args.disk {
-        return serve_embedded(&args, disk).await;
+    if args.disk.is_some() || args.transfer.is_some() {
+        return serve_embedded(args, signals, pid_file).await;
     }
     if let Some(path) = &args.file {
         let backend = FileBackend::open(path, args.read_only)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         tracing::info!(file = %path.display(), size = backend.size(), "local file");
-        return serve(&args, Arc::new(backend)).await;
+        return serve(args, Arc::new(backend), signals, pid_file).await;
     }
     if let Some(url) = &args.imageio_url {
         let config = ImageioConfig {
@@ -213,14 +251,92 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
             tracing::info!(context = %format!("{QEMU_DIRTY_BITMAP}{name}"), "dirty extents");
         }
         tracing::info!(url = %redact_url(url), size = backend.size(), "imageio ticket");
-        return serve(&args, Arc::new(backend)).await;
+        return serve(args, Arc::new(backend), signals, pid_file).await;
     }
-    Err("give --disk NAME (the embedded default), --file, --imageio-url or --engine-url".into())
+    Err(
+        "give --disk NAME or --transfer ID (the embedded default), --file, --imageio-url or \
+         --engine-url"
+            .into(),
+    )
+}
+
+/// `--exit-with-parent`: the parent's death arrives as SIGTERM (Linux
+/// `PR_SET_PDEATHSIG`, as nbdkit does), handled like any SIGTERM.
+fn exit_with_parent() -> Result<(), CliError> {
+    let parent = std::os::unix::process::parent_id();
+    // SAFETY: prctl(PR_SET_PDEATHSIG, signal) only sets a flag of this
+    // process; it reads and writes no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) };
+    if r != 0 {
+        return Err(format!(
+            "--exit-with-parent: prctl: {}",
+            std::io::Error::last_os_error()
+        )
+        .into());
+    }
+    if std::os::unix::process::parent_id() != parent {
+        // The parent died before the flag was set: act as if told now.
+        // SAFETY: raise(3) a signal whose handler is installed.
+        unsafe {
+            libc::raise(libc::SIGTERM);
+        }
+    }
+    Ok(())
+}
+
+/// `--pid-file`: written once clients can connect, removed at exit.
+#[derive(Debug)]
+struct PidFile {
+    path: Option<PathBuf>,
+    written: std::sync::atomic::AtomicBool,
+}
+
+impl PidFile {
+    fn new(path: Option<PathBuf>) -> Self {
+        PidFile {
+            path,
+            written: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Write the pid (atomically: a reader never sees a partial file).
+    fn write(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+        std::fs::rename(&tmp, path)?;
+        self.written
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn remove(&self) {
+        if let Some(path) = &self.path {
+            if self.written.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// Ready: the pid file, then the URI line.
+fn ready(pid_file: &PidFile, uri: &str) -> std::io::Result<()> {
+    pid_file
+        .write()
+        .map_err(|e| std::io::Error::other(format!("--pid-file: {e}")))?;
+    announce(uri).map_err(std::io::Error::other)
 }
 
 /// The embedded default: engine and data server in this process over
 /// `--data-dir`, the disk created when missing, then the transfer served.
-async fn serve_embedded(args: &ServeArgs, name: &str) -> Result<ExitCode, CliError> {
+async fn serve_embedded(
+    args: &ServeArgs,
+    signals: shutdown::Signals,
+    pid_file: &PidFile,
+) -> Result<ExitCode, CliError> {
     let data_server = embedded::start_data_server(&args.data_dir)
         .await
         .map_err(|e| format!("cannot start the embedded data server: {e}"))?;
@@ -251,15 +367,22 @@ async fn serve_embedded(args: &ServeArgs, name: &str) -> Result<ExitCode, CliErr
             })
             .await?,
         );
-        let disk = embedded_disk(&client, name, args).await?;
-        let target = Target::Disk {
-            disk_id: disk,
-            host_id: None,
-            direction: direction(args),
+        let target = match (&args.disk, &args.transfer) {
+            (Some(name), _) => {
+                let disk = embedded_disk(&client, name, args).await?;
+                held_by(&client, &disk, name, args).await?;
+                Target::Disk {
+                    disk_id: disk,
+                    host_id: None,
+                    direction: direction(args),
+                }
+            }
+            (None, Some(id)) => Target::Transfer(id.clone()),
+            (None, None) => return Err("give --disk NAME or --transfer ID".into()),
         };
         let options = driver_options(args, TlsOptions::default()).await?;
-        let outcome = driver::run(Arc::clone(&client), target, options, |uri| {
-            announce(uri).map_err(std::io::Error::other)
+        let outcome = driver::run(Arc::clone(&client), target, options, signals, |uri| {
+            ready(pid_file, uri)
         })
         .await;
         client.logout().await;
@@ -312,6 +435,77 @@ async fn embedded_disk(
     }
 }
 
+/// A disk locked by a transfer that is not over (e.g. an upload paused
+/// when its client vanished) cannot get another: say which one holds it
+/// and the command that resumes it, instead of the engine's bare 409.
+async fn held_by(
+    client: &EngineClient,
+    disk_id: &str,
+    name: &str,
+    args: &ServeArgs,
+) -> Result<(), CliError> {
+    let transfers = match client.transfers().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list transfers");
+            return Ok(());
+        }
+    };
+    let Some(t) = transfers.into_iter().find(|t| {
+        t.disk_id.as_deref() == Some(disk_id) && !t.phase.is_finished() && !t.phase.is_failing()
+    }) else {
+        return Ok(());
+    };
+    Err(format!(
+        "disk '{name}' is held by {} transfer {} ({}); resume it with: {}",
+        t.direction.as_str(),
+        t.id,
+        t.phase,
+        driver::resume_command(&resume_args(args), &t.id)
+    )
+    .into())
+}
+
+/// This command line without its target (`--disk`, `--size`, `--format`,
+/// `--direction`, `--host`, `--transfer`), as absolute paths where the
+/// embedded engine is concerned: `--transfer ID` added to it resumes the
+/// transfer from any directory.
+fn resume_args(args: &ServeArgs) -> Vec<String> {
+    const TARGET: [&str; 7] = [
+        "--disk",
+        "--size",
+        "--format",
+        "--direction",
+        "--host",
+        "--transfer",
+        "--data-dir",
+    ];
+    let argv: Vec<String> = std::env::args().collect();
+    let mut out: Vec<String> = Vec::with_capacity(argv.len() + 2);
+    out.push(
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| argv.first().cloned().unwrap_or_else(|| "nbdbridge".into())),
+    );
+    let mut words = argv.into_iter().skip(1).peekable();
+    while let Some(w) = words.next() {
+        let name = w.split('=').next().unwrap_or("");
+        if TARGET.contains(&name) {
+            if !w.contains('=') {
+                words.next();
+            }
+            continue;
+        }
+        out.push(w);
+    }
+    if args.engine_url.is_none() {
+        let dir = std::path::absolute(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
+        out.push("--data-dir".into());
+        out.push(dir.display().to_string());
+    }
+    out
+}
+
 fn direction(args: &ServeArgs) -> Direction {
     match args.direction {
         DirectionArg::Upload => Direction::Upload,
@@ -331,20 +525,31 @@ async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptio
         allow_cow: args.allow_cow,
         progress: nbdbridge::progress::stderr_is_terminal(),
         dirty_bitmap: args.dirty_bitmap.clone(),
+        run: args.run.clone(),
+        resume_args: resume_args(args),
     })
 }
 
 fn report(outcome: driver::Outcome) -> Result<ExitCode, CliError> {
-    if outcome.success {
+    if outcome.success() {
         tracing::info!(phase = %outcome.phase, "{}", outcome.message);
-        Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("nbdbridge: {}", outcome.message);
-        Ok(ExitCode::FAILURE)
     }
+    Ok(exit_code(outcome.status))
 }
 
-async fn serve_transfer(args: &ServeArgs, url: &str) -> Result<ExitCode, CliError> {
+/// An exit status as the process's exit code (0..=255; anything else 1).
+fn exit_code(status: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(status).unwrap_or(1))
+}
+
+async fn serve_transfer(
+    args: &ServeArgs,
+    url: &str,
+    signals: shutdown::Signals,
+    pid_file: &PidFile,
+) -> Result<ExitCode, CliError> {
     let password_file = args
         .password_file
         .as_ref()
@@ -372,10 +577,13 @@ async fn serve_transfer(args: &ServeArgs, url: &str) -> Result<ExitCode, CliErro
         (None, Some(id)) => Target::Transfer(id.clone()),
         (None, None) => return Err("--engine-url needs --disk or --transfer".into()),
     };
+    if let Target::Disk { disk_id, .. } = &target {
+        held_by(&client, disk_id, disk_id, args).await?;
+    }
     let options = driver_options(args, tls).await?;
     let client = Arc::new(client);
-    let result = driver::run(Arc::clone(&client), target, options, |uri| {
-        announce(uri).map_err(std::io::Error::other)
+    let result = driver::run(Arc::clone(&client), target, options, signals, |uri| {
+        ready(pid_file, uri)
     })
     .await;
     client.logout().await;
@@ -397,7 +605,12 @@ async fn listen(args: &ServeArgs) -> Result<Listener, CliError> {
     })
 }
 
-async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode, CliError> {
+async fn serve<B: Backend>(
+    args: &ServeArgs,
+    backend: Arc<B>,
+    mut signals: shutdown::Signals,
+    pid_file: &PidFile,
+) -> Result<ExitCode, CliError> {
     let listener = listen(args).await?;
     let export = Export::new(
         args.export_name.clone(),
@@ -406,11 +619,14 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
     );
     let shutdown = Shutdown::new();
     let server = Arc::new(Server::new(Exports::single(export), shutdown.clone()));
-    let uri = listener.uri(&args.export_name);
-    tracing::info!(%uri, "serving");
-    let mut signals = shutdown::Signals::install()?;
+    let env = RunEnv::of(&listener, &args.export_name);
+    tracing::info!(uri = %env.uri, "serving");
     let serving = tokio::spawn(Arc::clone(&server).serve(listener));
-    announce(&uri)?;
+    ready(pid_file, &env.uri)?;
+    let mut child = match &args.run {
+        Some(cmd) => Captive::spawn(cmd, &env).map_err(|e| format!("cannot run `{cmd}`: {e}"))?,
+        None => Captive::none(),
+    };
     let progress = {
         let server = Arc::clone(&server);
         let name = args.export_name.clone();
@@ -427,14 +643,21 @@ async fn serve<B: Backend>(args: &ServeArgs, backend: Arc<B>) -> Result<ExitCode
         })
     };
 
-    let signal = signals.recv().await;
+    // Until a signal, or the --run command's exit (whose status is ours).
+    let code = tokio::select! {
+        signal = signals.recv() => {
+            tracing::info!(signal, "stopping: finishing in-flight requests");
+            0
+        }
+        code = child.exited() => code,
+    };
     progress.finish();
-    tracing::info!(signal, "stopping: finishing in-flight requests");
     shutdown.trigger();
     serving.await?;
+    child.end().await;
     backend.flush().await?;
     tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(exit_code(code))
 }
 
 #[cfg(test)]

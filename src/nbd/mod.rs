@@ -20,7 +20,7 @@ pub mod transmission;
 
 pub use export::{Export, Exports};
 pub use listener::Listener;
-pub use transmission::{End, TransmissionConfig};
+pub use transmission::{End, TransmissionConfig, Watch};
 
 use crate::backend::Backend;
 use crate::shutdown::Shutdown;
@@ -31,11 +31,31 @@ use tracing::Instrument;
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 * 1024;
 
-/// Told when connections come and go (the transfer session listens).
+/// A request the server answered, as an [`Observer`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    /// The command (`NBD_CMD_*`).
+    pub command: u16,
+    /// Offset.
+    pub offset: u64,
+    /// The length asked for; for BLOCK_STATUS, the length the reply
+    /// described.
+    pub len: u64,
+    /// Answered without error (false too when validation refused it).
+    pub ok: bool,
+}
+
+/// Told when connections come and go and of every answered request (the
+/// transfer session listens). Calls come from the connections' tasks and
+/// must not block for long.
 pub trait Observer: Send + Sync + 'static {
     /// A client finished the handshake and entered transmission.
     fn connected(&self, _conn: u64) {}
-    /// A client left transmission, how it ended.
+    /// A request of `conn` was answered (before its reply is sent); every
+    /// request of a connection is reported before its `disconnected`.
+    fn answered(&self, _conn: u64, _request: &Answered) {}
+    /// A client left transmission, how it ended (None: the server dropped
+    /// it for a protocol error, or its socket failed).
     fn disconnected(&self, _conn: u64, _end: Option<End>) {}
 }
 
@@ -131,12 +151,17 @@ impl<B: Backend> Server<B> {
                 "transmission"
             );
             self.observer.connected(conn);
+            let watch = Watch {
+                observer: Arc::clone(&self.observer),
+                conn,
+            };
             let end = transmission::run(
                 reader,
                 writer,
                 negotiated,
                 self.config,
                 self.shutdown.clone(),
+                watch,
             )
             .await;
             match &end {

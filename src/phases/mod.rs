@@ -3,8 +3,8 @@
 //! every kind of I/O: a state machine that takes [`Event`]s (connections
 //! opening and ending, requests finishing, signals, the engine's phase,
 //! the `--run` command's exit, the results of its own actions) and answers
-//! with [`Action`]s that a driver carries out, in order, feeding their
-//! results back as events.
+//! with [`Action`]s that the driver (`session::driver`) carries out, in
+//! order, feeding their results back as events.
 //!
 //! The rules (DESIGN.md, "Phase rules"), in the words used here:
 //! - a **period** runs from serving (or a resume) to the next pause or end,

@@ -1,53 +1,45 @@
 //! `serve` for a transfer: the NBD server over the transfer's imageio URL,
-//! driven by the phase rules of DESIGN.md.
+//! with every decision left to the phase rules ([`crate::phases`]).
 //!
-//! - the last client leaves with NBD_CMD_DISC, after writing and flushing
-//!   (upload) or reading (download): finalize, wait for the end phase;
-//! - the last client vanishes without DISC during an upload: pause, keep
-//!   listening; the next client resumes it;
-//! - idle clients: keep the ticket and the transfer alive;
-//! - SIGINT / SIGTERM: finish in-flight requests, flush, pause an upload
-//!   (or cancel it) / finalize a download, exit non-zero;
-//! - after a resume the transfer may be served by another data server: the
-//!   backend behind the gate is swapped before requests pass again;
-//! - a data server that cannot be used (at the start or after a resume):
-//!   pause an upload (a download the bridge created is cancelled), exit
-//!   non-zero naming the URLs tried, tickets redacted;
-//! - `dirty_bitmap`: the ticket's dirty extents are served as
-//!   `qemu:dirty-bitmap:<name>`; a ticket without them is refused at the
-//!   start (only incremental backup transfers have them);
-//! - on a terminal, a progress line (bytes, rate, phase).
+//! The driver only feeds the rules their events (the NBD observer does it
+//! from the connections' tasks; signals, the engine's phase, ticks and the
+//! `--run` command's exit come through the loop here) and carries out the
+//! actions they answer with, in order, feeding the results back:
+//! - flush every data connection, pause, resume (following a data URL
+//!   that changed after the resume), stop serving;
+//! - keep the ticket and the transfer alive while clients are idle;
+//! - finish: finalize, pause, cancel or leave the transfer, and exit.
+//!
+//! A data server that cannot be used (at the start or after a resume):
+//! pause an upload (a download the bridge created is cancelled), exit
+//! non-zero naming the URLs tried, tickets redacted.
 
 use super::engine_client::EngineClient;
 use super::error::{Error, Result};
-use super::gate::{Gate, GateState, GatedBackend};
 use super::transfer::{Target, TransferSession};
+use crate::backend::gate::{Gate, GateState, GatedBackend};
 use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use crate::backend::{Backend, ExtentContext};
-use crate::nbd::{End, Export, Exports, Listener, Observer, Server};
-use crate::ovirt::Direction;
-use crate::ovirt::Phase;
+use crate::captive::{Captive, RunEnv};
+use crate::nbd::consts::*;
+use crate::nbd::{Answered, End, Export, Exports, Listener, Observer, Server};
+use crate::ovirt::{Direction, Phase};
+use crate::phases::{self, Action, Coverage, Ending, Event, Final, Machine, Op, RangeSet};
 use crate::progress::{Progress, Sample};
 use crate::shutdown::{self, Shutdown};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tracing::Instrument;
+
+pub use crate::phases::OnInterrupt;
 
 /// How often the session looks at the engine while serving.
 const POLL: Duration = Duration::from_secs(5);
 /// How long the engine may stay unreachable while serving (a restart)
 /// before the bridge gives up.
 const ENGINE_OUTAGE: Duration = Duration::from_secs(120);
-
-/// What to do with an upload on SIGINT / SIGTERM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnInterrupt {
-    /// Pause it (resume later with `--transfer ID`).
-    #[default]
-    Pause,
-    /// Cancel it (the partial disk is removed).
-    Cancel,
-}
 
 /// Settings of a transfer `serve`.
 #[derive(Debug)]
@@ -66,6 +58,11 @@ pub struct DriverOptions {
     pub progress: bool,
     /// Serve the ticket's dirty extents as `qemu:dirty-bitmap:<name>`.
     pub dirty_bitmap: Option<String>,
+    /// `--run`: run this through `sh -c` once serving; its exit decides.
+    pub run: Option<String>,
+    /// The command line that serves this transfer again, without its
+    /// target: `--transfer ID` is added to it in the resume hint.
+    pub resume_args: Vec<String>,
 }
 
 /// How a transfer `serve` ended.
@@ -75,34 +72,108 @@ pub struct Outcome {
     pub transfer: String,
     /// The last phase seen.
     pub phase: Phase,
-    /// Exit 0?
-    pub success: bool,
+    /// Exit status of serve.
+    pub status: i32,
     /// Why, in words.
     pub message: String,
 }
 
-#[derive(Debug)]
-enum Event {
-    Connected,
-    Closed(Option<End>),
+impl Outcome {
+    /// Exit 0?
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
 }
 
-struct Watcher {
-    tx: mpsc::UnboundedSender<Event>,
+/// The command that resumes transfer `id`, ready to paste into a shell.
+pub fn resume_command(args: &[String], id: &str) -> String {
+    let mut words: Vec<&str> = args.iter().map(String::as_str).collect();
+    words.extend(["--transfer", id]);
+    shlex::try_join(words.iter().copied()).unwrap_or_else(|_| words.join(" "))
 }
 
-impl Observer for Watcher {
-    fn connected(&self, _conn: u64) {
-        let _ = self.tx.send(Event::Connected);
+/// The rules, fed from every connection's task; what they decide goes to
+/// the driver loop, the gate moves at once.
+struct Judge {
+    machine: Mutex<Machine>,
+    gate: Gate,
+    stop: Shutdown,
+    actions: mpsc::UnboundedSender<Action>,
+    started: Instant,
+    /// Milliseconds since `started` of the last answered request.
+    last_request: AtomicU64,
+}
+
+impl Judge {
+    fn feed(&self, event: Event) {
+        let mut machine = match self.machine.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let actions = machine.handle(event);
+        self.gate.set(match machine.gate() {
+            phases::Gate::Open => GateState::Open,
+            phases::Gate::Closed => GateState::Closed,
+            phases::Gate::Ended => GateState::Ended,
+        });
+        if !machine.admits() {
+            // Decided: new clients are refused from now on (the handshake
+            // answers NBD_REP_ERR_SHUTDOWN).
+            self.stop.trigger();
+        }
+        for action in actions {
+            let _ = self.actions.send(action);
+        }
     }
 
-    fn disconnected(&self, _conn: u64, end: Option<End>) {
-        let _ = self.tx.send(Event::Closed(end));
+    fn quiet(&self) -> Duration {
+        let last = Duration::from_millis(self.last_request.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+impl Observer for Judge {
+    fn connected(&self, conn: u64) {
+        self.feed(Event::Opened(conn));
+    }
+
+    fn answered(&self, conn: u64, request: &Answered) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_request.store(now, Ordering::Relaxed);
+        let op = match request.command {
+            NBD_CMD_READ => Op::Read {
+                offset: request.offset,
+                len: request.len,
+            },
+            NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES | NBD_CMD_TRIM => Op::Write,
+            NBD_CMD_FLUSH => Op::Flush,
+            NBD_CMD_BLOCK_STATUS => Op::Described {
+                offset: request.offset,
+                len: request.len,
+            },
+            _ => Op::Other,
+        };
+        self.feed(Event::Request {
+            conn,
+            op,
+            ok: request.ok,
+        });
+    }
+
+    fn disconnected(&self, conn: u64, end: Option<End>) {
+        let how = match end {
+            Some(End::Disconnect) => Ending::Clean,
+            Some(End::Vanished) => Ending::Vanished,
+            Some(End::Shutdown) => Ending::Stopped,
+            None => Ending::Broken,
+        };
+        self.feed(Event::Ended { conn, how });
     }
 }
 
 /// Serve `target` through `client` until the transfer ends; `announce` is
-/// called with the NBD URI once clients can connect.
+/// called with the NBD URI once clients can connect. `signals` were
+/// installed by the caller before anything started, so none is lost.
 ///
 /// # Errors
 /// The transfer could not be set up or the engine failed.
@@ -110,10 +181,24 @@ pub async fn run(
     client: Arc<EngineClient>,
     target: Target,
     options: DriverOptions,
+    signals: shutdown::Signals,
     announce: impl FnOnce(&str) -> std::io::Result<()>,
 ) -> Result<Outcome> {
-    let mut session =
-        TransferSession::open(Arc::clone(&client), &target, options.allow_cow).await?;
+    let session = TransferSession::open(Arc::clone(&client), &target, options.allow_cow).await?;
+    let span = tracing::info_span!("transfer", id = %session.transfer().id);
+    serve(client, session, target, options, signals, announce)
+        .instrument(span)
+        .await
+}
+
+async fn serve(
+    client: Arc<EngineClient>,
+    mut session: TransferSession,
+    target: Target,
+    options: DriverOptions,
+    signals: shutdown::Signals,
+    announce: impl FnOnce(&str) -> std::io::Result<()>,
+) -> Result<Outcome> {
     let direction = session.transfer().direction;
     let size = match &session.transfer().disk_id {
         Some(id) => client.disk(id).await?.provisioned_size,
@@ -125,45 +210,82 @@ pub async fn run(
         tls: options.tls.clone(),
         dirty_bitmap: options.dirty_bitmap.clone(),
     };
-    let (backend, mut data_url) = match connect_data(&session, &data).await {
+    let created = matches!(target, Target::Disk { .. });
+    let (backend, data_url) = match connect_data(&session, &data).await {
         Ok(found) => found,
         Err(e) => {
-            let created = matches!(target, Target::Disk { .. });
-            return Err(leave_transfer(&mut session, created, e).await);
+            return Err(leave_transfer(&mut session, created, e, &options.resume_args).await);
         }
     };
+    let coverage = match direction {
+        Direction::Upload => None,
+        Direction::Download => match data_coverage(&backend, data.dirty_bitmap.is_some()).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let e = Error::DataServer(format!("cannot map the disk's data: {e}"));
+                return Err(leave_transfer(&mut session, created, e, &options.resume_args).await);
+            }
+        },
+    };
+    if let Some(c) = &coverage {
+        tracing::info!("a download ends once {} has been read", c.summary());
+    }
+    let keepalive_after = Duration::from_secs(
+        session
+            .transfer()
+            .inactivity_timeout
+            .unwrap_or(60)
+            .clamp(3, 120)
+            / 3,
+    );
+    let machine = Machine::new(
+        phases::Config {
+            direction,
+            captive: options.run.is_some(),
+            on_interrupt: options.on_interrupt,
+            keepalive_after,
+        },
+        coverage,
+    );
+
     let gate = Gate::new(GateState::Open);
     let gated = Arc::new(GatedBackend::new(Arc::new(backend), gate.clone()));
     let export = Export::new(options.export_name.clone(), None, Arc::clone(&gated));
     let stop = Shutdown::new();
-    let (tx, mut events) = mpsc::unbounded_channel();
+    let (tx, actions) = mpsc::unbounded_channel();
+    let judge = Arc::new(Judge {
+        machine: Mutex::new(machine),
+        gate,
+        stop: stop.clone(),
+        actions: tx,
+        started: Instant::now(),
+        last_request: AtomicU64::new(0),
+    });
     let server = Arc::new(
-        Server::new(Exports::single(export), stop.clone()).with_observer(Arc::new(Watcher { tx })),
+        Server::new(Exports::single(export), stop.clone())
+            .with_observer(Arc::clone(&judge) as Arc<dyn Observer>),
     );
-    let mut signals =
-        shutdown::Signals::install().map_err(|e| Error::Config(format!("signals: {e}")))?;
-    let uri = options.listener.uri(&options.export_name);
-    let mut serving = Some(tokio::spawn(Arc::clone(&server).serve(options.listener)));
-    announce(&uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
-    tracing::info!(%uri, transfer = %session.transfer().id, ?direction, "serving the transfer");
+    let env = RunEnv::of(&options.listener, &options.export_name);
+    let serving = tokio::spawn(Arc::clone(&server).serve(options.listener));
+    announce(&env.uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
+    tracing::info!(uri = %env.uri, ?direction, "serving the transfer");
 
-    let stats = {
-        let server = Arc::clone(&server);
-        let name = options.export_name.clone();
-        move || {
-            server
-                .exports()
-                .find(&name)
-                .map(|e| e.stats().snapshot())
-                .unwrap_or_default()
-        }
+    let child = match &options.run {
+        Some(cmd) => Captive::spawn(cmd, &env)
+            .map_err(|e| Error::Config(format!("cannot run `{cmd}`: {e}")))?,
+        None => Captive::none(),
     };
     let progress = options.progress.then(|| {
-        let stats = stats.clone();
+        let server = Arc::clone(&server);
+        let name = options.export_name.clone();
         let phases = session.phases();
         let (label, size) = (direction.as_str(), gated.size());
         Progress::start(label, size, move || {
-            let s = stats();
+            let s = server
+                .exports()
+                .find(&name)
+                .map(|e| e.stats().snapshot())
+                .unwrap_or_default();
             Sample {
                 done: match direction {
                     Direction::Upload => s.bytes_written,
@@ -173,147 +295,296 @@ pub async fn run(
             }
         })
     });
-    let keepalive_every = Duration::from_secs(
-        session
-            .transfer()
-            .inactivity_timeout
-            .unwrap_or(60)
-            .clamp(3, 120)
-            / 3,
-    );
-    let mut active: usize = 0;
-    let mut last_io = (0u64, 0u64);
-    let mut last_activity = Instant::now();
-    let mut poll = tokio::time::interval(POLL.min(keepalive_every));
-    let mut engine_down_since: Option<Instant> = None;
 
-    let outcome = loop {
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Some(Event::Connected) => {
-                    active += 1;
-                    if gate.state() == GateState::Closed {
-                        tracing::info!("a client is back: resuming");
-                        session.resume().await?;
-                        if let Err(e) = follow_data_url(&session, &gated, &mut data_url, &data).await {
-                            gate.set(GateState::Ended);
-                            gated.inner().set_ended();
-                            stop.trigger();
-                            let e = leave_transfer(&mut session, false, e).await;
-                            break Outcome {
-                                transfer: session.transfer().id.clone(),
-                                phase: session.transfer().phase,
-                                success: false,
-                                message: e.to_string(),
-                            };
-                        }
-                        gate.set(GateState::Open);
-                    }
-                }
-                Some(Event::Closed(end)) => {
-                    active = active.saturating_sub(1);
-                    if active > 0 {
-                        continue;
-                    }
-                    let s = stats();
-                    match end {
-                        Some(End::Disconnect) => {
-                            let done = match direction {
-                                Direction::Upload => s.writes_completed > 0 && s.flushed && s.write_failures == 0,
-                                Direction::Download => s.bytes_read > 0,
-                            };
-                            if done {
-                                tracing::info!(written = s.bytes_written, read = s.bytes_read, "last client left: finalizing");
-                                break finish(&mut session, &gate, &stop, &mut serving, &gated.inner(), FinishHow::Finalize).await?;
-                            }
-                            if direction == Direction::Upload && s.write_failures > 0 {
-                                tracing::warn!(
-                                    failed_writes = s.write_failures,
-                                    "last client left but writes failed: not finalizing; \
-                                     a new client may write again"
-                                );
-                            } else if direction == Direction::Upload && s.writes_completed > 0 {
-                                tracing::warn!(
-                                    "last client left without flushing after its last write: \
-                                     not finalizing (nbdcopy needs --flush); a new client may \
-                                     finish the upload"
-                                );
-                            }
-                        }
-                        _ if direction == Direction::Upload => {
-                            tracing::info!("last client vanished without NBD_CMD_DISC: pausing");
-                            gate.set(GateState::Closed);
-                            if let Err(e) = gated.inner().flush_all().await {
-                                tracing::warn!(error = %e, "flush before pausing failed");
-                            }
-                            session.pause().await?;
-                        }
-                        _ => tracing::info!("last client vanished; downloads cannot pause: waiting"),
-                    }
-                }
-                None => return Err(Error::Config("the NBD server stopped".into())),
-            },
-            sig = signals.recv() => {
-                tracing::info!(signal = sig, "interrupted");
-                let how = match (direction, options.on_interrupt) {
-                    (Direction::Download, _) => FinishHow::Finalize,
-                    (Direction::Upload, OnInterrupt::Pause) => FinishHow::Pause,
-                    (Direction::Upload, OnInterrupt::Cancel) => FinishHow::Cancel,
-                };
-                let mut out = finish(&mut session, &gate, &stop, &mut serving, &gated.inner(), how).await?;
-                out.success = false;
-                break out;
-            }
-            _ = poll.tick() => {
-                let phase = match session.refresh().await {
-                    Ok(p) => {
-                        engine_down_since = None;
-                        p
-                    }
-                    Err(e) if !e.is_not_found() => {
-                        let since = *engine_down_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > ENGINE_OUTAGE {
-                            return Err(e);
-                        }
-                        tracing::warn!(error = %e, "cannot read the transfer; retrying");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if phase.is_failing() || phase.is_finished() {
-                    gate.set(GateState::Ended);
-                    gated.inner().set_ended();
-                    stop.trigger();
-                    break Outcome {
-                        transfer: session.transfer().id.clone(),
-                        phase,
-                        success: false,
-                        message: format!("the transfer became {phase} while serving"),
-                    };
-                }
-                let s = stats();
-                let io = (s.bytes_read, s.bytes_written);
-                if io != last_io {
-                    last_io = io;
-                    last_activity = Instant::now();
-                } else if gate.state() == GateState::Open && last_activity.elapsed() >= keepalive_every {
-                    if let Err(e) = gated.inner().keepalive().await {
-                        tracing::warn!(error = %e, "keepalive failed");
-                    }
-                    let _ = session.act(super::Action::Extend).await;
-                    last_activity = Instant::now();
-                }
-            }
-        }
+    let mut driver = Driver {
+        session,
+        judge,
+        gated,
+        data_url,
+        data,
+        stop,
+        serving: Some(serving),
+        child,
+        resume_args: options.resume_args,
     };
-    stop.trigger();
-    if let Some(task) = serving {
-        let _ = task.await;
-    }
+    let outcome = driver.drive(actions, signals).await;
+    // Whatever ended it, nothing may pass the gate any more (requests held
+    // there fail now instead of at their deadline).
+    driver.judge.gate.set(GateState::Ended);
+    driver.stop_serving().await;
+    driver.child.end().await;
     if let Some(p) = progress {
         p.finish();
     }
-    Ok(outcome)
+    outcome
+}
+
+struct Driver {
+    session: TransferSession,
+    judge: Arc<Judge>,
+    gated: Arc<GatedBackend<ImageioBackend>>,
+    data_url: String,
+    data: DataOptions,
+    stop: Shutdown,
+    serving: Option<tokio::task::JoinHandle<()>>,
+    child: Captive,
+    resume_args: Vec<String>,
+}
+
+impl Driver {
+    async fn drive(
+        &mut self,
+        mut actions: mpsc::UnboundedReceiver<Action>,
+        mut signals: shutdown::Signals,
+    ) -> Result<Outcome> {
+        let mut poll = tokio::time::interval(POLL.min(self.judge_keepalive()));
+        let mut engine_down_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                action = actions.recv() => {
+                    let Some(action) = action else {
+                        return Err(Error::Config("the rules stopped".into()));
+                    };
+                    if let Some(outcome) = self.carry_out(action).await? {
+                        return Ok(outcome);
+                    }
+                }
+                sig = signals.recv() => {
+                    tracing::info!(signal = sig, "interrupted");
+                    self.judge.feed(Event::Signal(sig));
+                }
+                code = self.child.exited() => {
+                    self.judge.feed(Event::RunExited(code));
+                }
+                _ = poll.tick() => {
+                    match self.session.refresh().await {
+                        Ok(phase) => {
+                            engine_down_since = None;
+                            self.judge.feed(Event::Engine(phase));
+                        }
+                        Err(e) if !e.is_not_found() => {
+                            let since = *engine_down_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > ENGINE_OUTAGE {
+                                return Err(e);
+                            }
+                            tracing::warn!(error = %e, "cannot read the transfer; retrying");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    self.judge.feed(Event::Tick { quiet: self.judge.quiet() });
+                }
+            }
+        }
+    }
+
+    fn judge_keepalive(&self) -> Duration {
+        Duration::from_secs(
+            self.session
+                .transfer()
+                .inactivity_timeout
+                .unwrap_or(60)
+                .clamp(3, 120)
+                / 3,
+        )
+    }
+
+    /// Carry out one action; the outcome once serve is over.
+    async fn carry_out(&mut self, action: Action) -> Result<Option<Outcome>> {
+        match action {
+            Action::Log(line) => tracing::info!("{line}"),
+            Action::KeepAlive => {
+                if let Err(e) = self.gated.inner().keepalive().await {
+                    tracing::warn!(error = %e, "keepalive failed");
+                }
+                if let Err(e) = self.session.act(crate::ovirt::Action::Extend).await {
+                    tracing::debug!(error = %e, "extend failed");
+                }
+                self.judge.last_request.store(
+                    u64::try_from(self.judge.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+            }
+            Action::Flush => {
+                let ok = match self.gated.inner().flush_all().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "flushing the data server failed");
+                        false
+                    }
+                };
+                self.judge.feed(Event::Flushed { ok });
+            }
+            Action::Pause { reason } => {
+                tracing::warn!(
+                    "pausing transfer {}: {reason}; run the client again to resume it",
+                    self.session.transfer().id
+                );
+                if let Err(e) = self.gated.inner().flush_all().await {
+                    tracing::warn!(error = %e, "flush before pausing failed");
+                }
+                self.session.pause().await?;
+                self.judge.feed(Event::Paused);
+            }
+            Action::Resume => {
+                self.session.resume().await?;
+                if let Err(e) =
+                    follow_data_url(&self.session, &self.gated, &mut self.data_url, &self.data)
+                        .await
+                {
+                    self.gated.inner().set_ended();
+                    self.judge.gate.set(GateState::Ended);
+                    self.stop.trigger();
+                    let e = leave_transfer(&mut self.session, false, e, &self.resume_args).await;
+                    return Ok(Some(Outcome {
+                        transfer: self.session.transfer().id.clone(),
+                        phase: self.session.transfer().phase,
+                        status: 1,
+                        message: e.to_string(),
+                    }));
+                }
+                self.judge.feed(Event::Resumed);
+            }
+            Action::StopServing => {
+                self.stop_serving().await;
+                self.judge.feed(Event::Stopped);
+            }
+            Action::Finish { how, status, why } => {
+                return self.finish(how, status, why).await.map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stop listening; wait until every connection finished its requests.
+    async fn stop_serving(&mut self) {
+        self.stop.trigger();
+        if let Some(task) = self.serving.take() {
+            let _ = task.await;
+        }
+    }
+
+    async fn finish(&mut self, how: Final, status: i32, why: String) -> Result<Outcome> {
+        tracing::info!(?how, status, "{why}");
+        // Stop the NBD side first and let in-flight requests finish, then
+        // make what they wrote durable before telling the engine.
+        self.stop_serving().await;
+        self.child.end().await;
+        let id = self.session.transfer().id.clone();
+        let backend = self.gated.inner();
+        let resume = resume_command(&self.resume_args, &id);
+        let (phase, status, message) = match how {
+            Final::Finalize => {
+                let phase = self.session.finalize().await?;
+                let status = if phase == Phase::FinishedSuccess {
+                    status
+                } else {
+                    status.max(1)
+                };
+                (
+                    phase,
+                    status,
+                    format!("transfer {id} finalized: {phase} ({why})"),
+                )
+            }
+            Final::Pause => {
+                if !backend.capabilities().read_only {
+                    if let Err(e) = backend.flush_all().await {
+                        tracing::warn!(error = %e, "flush before pausing failed");
+                    }
+                }
+                self.session.pause().await?;
+                let phase = self.session.transfer().phase;
+                (
+                    phase,
+                    status.max(1),
+                    format!("{why}; transfer {id} is {phase}; resume it with: {resume}"),
+                )
+            }
+            Final::Cancel => {
+                let phase = self.session.cancel().await?;
+                (
+                    phase,
+                    status.max(1),
+                    format!("{why}; transfer {id} cancelled: {phase}"),
+                )
+            }
+            Final::Leave => {
+                let phase = self.session.transfer().phase;
+                let hint = if phase.is_paused() {
+                    format!("; resume it with: {resume}")
+                } else {
+                    String::new()
+                };
+                (
+                    phase,
+                    status.max(1),
+                    format!("{why}; transfer {id} is {phase}{hint}"),
+                )
+            }
+        };
+        backend.set_ended();
+        Ok(Outcome {
+            transfer: id,
+            phase,
+            status,
+            message,
+        })
+    }
+}
+
+/// What a download must read: the data extents (not reported as zero) of
+/// `base:allocation`, and with a dirty bitmap only the dirty ones of those.
+///
+/// # Errors
+/// The data server could not list the extents.
+async fn data_coverage(backend: &ImageioBackend, dirty: bool) -> crate::backend::Result<Coverage> {
+    let size = backend.size();
+    let mut data = RangeSet::new();
+    walk_extents(backend, ExtentContext::Allocation, size, |e| {
+        if !e.zero {
+            data.insert(e.offset, e.offset.saturating_add(e.len));
+        }
+    })
+    .await?;
+    if dirty {
+        walk_extents(backend, ExtentContext::Dirty, size, |e| {
+            if !e.zero {
+                // Clean: nothing to copy there.
+                data.remove(e.offset, e.offset.saturating_add(e.len));
+            }
+        })
+        .await?;
+    }
+    Ok(Coverage::new(size, data.runs()))
+}
+
+/// Every extent of `context` over the whole image, in order.
+async fn walk_extents(
+    backend: &ImageioBackend,
+    context: ExtentContext,
+    size: u64,
+    mut each: impl FnMut(&crate::backend::Extent),
+) -> crate::backend::Result<()> {
+    let mut offset = 0;
+    while offset < size {
+        let list = backend
+            .extents(context, offset, size - offset, 1 << 16)
+            .await?;
+        let mut next = offset;
+        for e in &list {
+            each(e);
+            next = next.max(e.offset.saturating_add(e.len));
+        }
+        if next <= offset {
+            return Err(crate::backend::Error::new(
+                crate::backend::ErrorKind::Io,
+                format!("the data server's extents stop at {offset} of {size} bytes"),
+            ));
+        }
+        offset = next;
+    }
+    Ok(())
 }
 
 /// After a resume: if the transfer's data URL changed (the engine chose
@@ -371,16 +642,21 @@ pub fn scrub(message: &str, url: &str) -> String {
 /// `serve --transfer ID` can pick it up, and say so. An upload is paused (a
 /// cancel would remove its disk); a download the bridge created is
 /// cancelled (downloads cannot pause); one it attached to is left alone.
-async fn leave_transfer(session: &mut TransferSession, created: bool, err: Error) -> Error {
+async fn leave_transfer(
+    session: &mut TransferSession,
+    created: bool,
+    err: Error,
+    resume_args: &[String],
+) -> Error {
     let id = session.transfer().id.clone();
     let direction = session.transfer().direction;
     tracing::warn!(transfer = %id, error = %err, "the data server cannot be used");
     let what = match direction {
         Direction::Upload => match session.pause().await {
             Ok(()) => format!(
-                "transfer {id} is {}; once the data server is reachable, resume it with: \
-                 nbdbridge serve ... --transfer {id}",
-                session.transfer().phase
+                "transfer {id} is {}; once the data server is reachable, resume it with: {}",
+                session.transfer().phase,
+                resume_command(resume_args, &id)
             ),
             Err(e) => format!("pausing transfer {id} failed too: {e}"),
         },
@@ -403,71 +679,6 @@ struct DataOptions {
     direction: Direction,
     tls: TlsOptions,
     dirty_bitmap: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FinishHow {
-    Finalize,
-    Pause,
-    Cancel,
-}
-
-async fn finish(
-    session: &mut TransferSession,
-    gate: &Gate,
-    stop: &Shutdown,
-    serving: &mut Option<tokio::task::JoinHandle<()>>,
-    backend: &ImageioBackend,
-    how: FinishHow,
-) -> Result<Outcome> {
-    // Stop the NBD side first and let in-flight requests finish, then make
-    // what they wrote durable before telling the engine.
-    stop.trigger();
-    if let Some(task) = serving.take() {
-        let _ = task.await;
-    }
-    if how != FinishHow::Cancel && !backend.capabilities().read_only {
-        if let Err(e) = backend.flush_all().await {
-            tracing::warn!(error = %e, "final flush failed");
-        }
-    }
-    let id = session.transfer().id.clone();
-    let outcome = match how {
-        FinishHow::Finalize => {
-            gate.set(GateState::Ended);
-            let phase = session.finalize().await?;
-            Outcome {
-                success: phase == Phase::FinishedSuccess,
-                message: format!("transfer {id} finalized: {phase}"),
-                transfer: id,
-                phase,
-            }
-        }
-        FinishHow::Pause => {
-            session.pause().await?;
-            gate.set(GateState::Ended);
-            let phase = session.transfer().phase;
-            Outcome {
-                success: false,
-                message: format!(
-                    "transfer {id} is {phase}; resume it with: nbdbridge serve ... --transfer {id}"
-                ),
-                transfer: id,
-                phase,
-            }
-        }
-        FinishHow::Cancel => {
-            gate.set(GateState::Ended);
-            let phase = session.cancel().await?;
-            Outcome {
-                success: false,
-                message: format!("transfer {id} cancelled: {phase}"),
-                transfer: id,
-                phase,
-            }
-        }
-    };
-    Ok(outcome)
 }
 
 /// Open the data connection: the host's `transfer_url`, else the engine's
@@ -548,7 +759,7 @@ pub async fn check_dirty(backend: &ImageioBackend, name: &str) -> crate::backend
 
 #[cfg(test)]
 mod tests {
-    use super::{redact_url, scrub};
+    use super::{redact_url, resume_command, scrub};
 
     #[test]
     fn tickets_are_cut_short_in_urls_and_messages() {
@@ -563,6 +774,26 @@ mod tests {
         assert_eq!(
             scrub("host:54322 kept", "http://host:54322/"),
             "host:54322 kept"
+        );
+    }
+
+    #[test]
+    fn the_resume_command_is_quoted_for_a_shell() {
+        let args: Vec<String> = [
+            "/usr/bin/nbdbridge",
+            "serve",
+            "--data-dir",
+            "/tmp/my data",
+            "--run",
+            "qemu-img convert -n a.qcow2 \"$uri\"",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cmd = resume_command(&args, "t-1");
+        assert_eq!(
+            shlex::split(&cmd).unwrap(),
+            [&args[..], &["--transfer".into(), "t-1".into()]].concat()
         );
     }
 }

@@ -91,6 +91,12 @@ struct TransferXml {
 }
 
 #[derive(Debug, Deserialize)]
+struct TransfersXml {
+    #[serde(default)]
+    image_transfer: Vec<TransferXml>,
+}
+
+#[derive(Debug, Deserialize)]
 struct DiskXml {
     #[serde(rename = "@id")]
     id: Option<String>,
@@ -271,6 +277,20 @@ impl EngineClient {
         parse_transfer(&body)
     }
 
+    /// Every transfer the engine knows (the real engine lists those not yet
+    /// removed).
+    ///
+    /// # Errors
+    /// The engine failed.
+    pub async fn transfers(&self) -> Result<Vec<Transfer>> {
+        let body = self
+            .call(reqwest::Method::GET, "/imagetransfers", None)
+            .await?;
+        let list: TransfersXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("image_transfers XML: {e}")))?;
+        list.image_transfer.into_iter().map(transfer_of).collect()
+    }
+
     /// Start a transfer of `disk_id` (on `host_id` if given), always with
     /// `format=raw`: NBD clients read and write guest data, so a QCOW2
     /// disk must be exposed through the engine's qemu-nbd, never as the
@@ -385,6 +405,10 @@ impl EngineClient {
 fn parse_transfer(body: &[u8]) -> Result<Transfer> {
     let t: TransferXml = quick_xml::de::from_reader(body)
         .map_err(|e| Error::Protocol(format!("image_transfer XML: {e}")))?;
+    transfer_of(t)
+}
+
+fn transfer_of(t: TransferXml) -> Result<Transfer> {
     let id =
         t.id.ok_or_else(|| Error::Protocol("image_transfer without id".into()))?;
     let direction = match t.direction.as_deref() {

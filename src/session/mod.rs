@@ -1,11 +1,11 @@
 //! The phase-aware transfer session: talks to the engine (ours or real)
 //! to create or attach an image transfer, waits out `initializing`, and
-//! follows what the NBD clients do (finalize, pause, resume).
+//! carries out what the phase rules ([`crate::phases`]) decide from what
+//! the NBD clients do (finalize, pause, resume).
 
 pub mod driver;
 pub mod engine_client;
 pub mod error;
-pub mod gate;
 pub mod transfer;
 
 pub use crate::ovirt::{Action, Direction, Phase};

@@ -30,8 +30,17 @@ pub fn venv_python() -> PathBuf {
 /// Debian's own python3, which has the libnbd binding (python3-libnbd).
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
+/// Whether a missing tool must fail the test: under `scripts/test`
+/// (`NBDBRIDGE_TEST_STRICT=1`), which installs every tool first, and under
+/// CI (`CI=true`). A bare `cargo test` skips instead.
+pub fn strict() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+        || std::env::var("NBDBRIDGE_TEST_STRICT").as_deref() == Ok("1")
+}
+
 /// Whether `tool` can run. Missing tools skip a test on a developer machine,
-/// but fail it under CI (`CI=true`), where the test script installed them.
+/// but fail it under `scripts/test` and CI ([`strict`]), where the test
+/// script installed them.
 pub fn require(tool: &str) -> bool {
     let found = if tool.contains('/') {
         Path::new(tool).exists()
@@ -46,8 +55,8 @@ pub fn require(tool: &str) -> bool {
     };
     if !found {
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required under CI; scripts/test installs it"
+            !strict(),
+            "{tool} is required under scripts/test and CI; scripts/test installs it"
         );
         eprintln!("skipping: {tool} is not installed (run scripts/test)");
     }
@@ -114,6 +123,13 @@ impl Proc {
             lines: None,
             name: name.to_string(),
         }
+    }
+
+    /// Whether the process is still running (not exited).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The process id.
@@ -216,6 +232,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub mod engine;
 pub mod imageio;
 pub mod nbd;
+pub mod proxy;
 
 /// The engine REST API as the serve tests drive it: log in, call, create
 /// disks and transfers, read phases.

@@ -4,6 +4,7 @@ use super::extents::to_wire;
 use super::reply::*;
 use super::request::Command;
 use crate::backend::{Backend, ExtentContext, ReadChunk, ZeroFlags};
+use crate::nbd::Answered;
 use crate::nbd::consts::*;
 use crate::nbd::error::{ErrnoContext, RequestError, to_errno};
 use crate::nbd::export::Export;
@@ -11,7 +12,8 @@ use crate::nbd::handshake::meta::MetaSelection;
 use crate::nbd::mode::ReplyMode;
 use bytes::{Bytes, BytesMut};
 
-/// Run `command` and return the reply as wire parts (headers and data).
+/// Run `command`; the reply as wire parts (headers and data), and what
+/// observers are told of it.
 pub async fn execute<B: Backend>(
     export: &Export<B>,
     mode: ReplyMode,
@@ -20,51 +22,59 @@ pub async fn execute<B: Backend>(
     request_offset: u64,
     command: Command,
     payload: Option<Bytes>,
-) -> Vec<Bytes> {
+) -> (Vec<Bytes>, Answered) {
     let backend = export.backend();
     let stats = export.stats();
     let native_fua = export.caps().fua;
     let mut head = BytesMut::with_capacity(64);
-    let status = |head: &mut BytesMut, r: Result<(), RequestError>| {
-        encode_status(head, mode, cookie, request_offset, r.as_ref().map(|_| ()));
+    let mut status = |r: Result<(), RequestError>| {
+        encode_status(
+            &mut head,
+            mode,
+            cookie,
+            request_offset,
+            r.as_ref().map(|_| ()),
+        );
+        r.is_ok()
     };
-    match command {
+    let answered = |command: u16, offset: u64, len: u64, ok: bool| Answered {
+        command,
+        offset,
+        len,
+        ok,
+    };
+    let done = match command {
         Command::Read { offset, len, df } => {
-            return read(export, mode, cookie, offset, len, df).await;
+            let (parts, ok) = read(export, mode, cookie, offset, len, df).await;
+            return (parts, answered(NBD_CMD_READ, offset, u64::from(len), ok));
         }
         Command::Write { offset, len, fua } => {
-            stats.write_started();
             let data = payload.unwrap_or_default();
             let mut r = backend.write(offset, data, fua && native_fua).await;
             if r.is_ok() && fua && !native_fua {
                 r = backend.flush().await;
             }
-            stats.write_done(u64::from(len), r.is_ok());
-            let r = r.map_err(|e| to_errno(&e, writes()));
-            status(&mut head, r);
+            if r.is_ok() {
+                stats.write_done(u64::from(len));
+            }
+            let ok = status(r.map_err(|e| to_errno(&e, writes())));
+            answered(NBD_CMD_WRITE, offset, u64::from(len), ok)
         }
         Command::Flush => {
-            let covered = stats.flush_started();
             let r = backend.flush().await;
-            if r.is_ok() {
-                stats.flush_done(covered);
-            }
-            status(
-                &mut head,
-                r.map_err(|e| to_errno(&e, ErrnoContext::default())),
-            );
+            let ok = status(r.map_err(|e| to_errno(&e, ErrnoContext::default())));
+            answered(NBD_CMD_FLUSH, 0, 0, ok)
         }
         Command::Trim { offset, len, fua } => {
-            stats.write_started();
             let mut r = backend.trim(offset, len, fua && native_fua).await;
             if r.is_ok() && fua && !native_fua {
                 r = backend.flush().await;
             }
-            stats.write_done(len, r.is_ok());
-            status(
-                &mut head,
-                r.map_err(|e| to_errno(&e, ErrnoContext::default())),
-            );
+            if r.is_ok() {
+                stats.write_done(len);
+            }
+            let ok = status(r.map_err(|e| to_errno(&e, ErrnoContext::default())));
+            answered(NBD_CMD_TRIM, offset, len, ok)
         }
         Command::Cache { offset, len } => {
             let r = if export.caps().cache {
@@ -72,13 +82,10 @@ pub async fn execute<B: Backend>(
             } else {
                 Ok(())
             };
-            status(
-                &mut head,
-                r.map_err(|e| to_errno(&e, ErrnoContext::default())),
-            );
+            let ok = status(r.map_err(|e| to_errno(&e, ErrnoContext::default())));
+            answered(NBD_CMD_CACHE, offset, len, ok)
         }
         Command::WriteZeroes { offset, len, flags } => {
-            stats.write_started();
             let zf = ZeroFlags {
                 fua: flags.fua && native_fua,
                 ..flags
@@ -87,22 +94,32 @@ pub async fn execute<B: Backend>(
             if r.is_ok() && flags.fua && !native_fua {
                 r = backend.flush().await;
             }
-            stats.write_done(len, r.is_ok());
+            if r.is_ok() {
+                stats.write_done(len);
+            }
             let ctx = ErrnoContext {
                 fast_zero: flags.fast,
                 writes: true,
             };
-            status(&mut head, r.map_err(|e| to_errno(&e, ctx)));
+            let ok = status(r.map_err(|e| to_errno(&e, ctx)));
+            answered(NBD_CMD_WRITE_ZEROES, offset, len, ok)
         }
         Command::BlockStatus {
             offset,
             len,
             req_one,
         } => {
-            block_status(export, mode, meta, cookie, offset, len, req_one, &mut head).await;
+            let described =
+                block_status(export, mode, meta, cookie, offset, len, req_one, &mut head).await;
+            answered(
+                NBD_CMD_BLOCK_STATUS,
+                offset,
+                described.unwrap_or(0),
+                described.is_some(),
+            )
         }
-    }
-    vec![head.freeze()]
+    };
+    (vec![head.freeze()], done)
 }
 
 fn writes() -> ErrnoContext {
@@ -119,7 +136,7 @@ async fn read<B: Backend>(
     offset: u64,
     len: u32,
     df: bool,
-) -> Vec<Bytes> {
+) -> (Vec<Bytes>, bool) {
     let backend = export.backend();
     let mut head = BytesMut::with_capacity(64);
     if mode == ReplyMode::Simple {
@@ -127,7 +144,7 @@ async fn read<B: Backend>(
             Ok(data) => {
                 export.stats().read_done(u64::from(len));
                 encode_simple(&mut head, cookie, 0);
-                vec![head.freeze(), data]
+                (vec![head.freeze(), data], true)
             }
             Err(e) => {
                 encode_simple(
@@ -135,13 +152,13 @@ async fn read<B: Backend>(
                     cookie,
                     to_errno(&e, ErrnoContext::default()).errno,
                 );
-                vec![head.freeze()]
+                (vec![head.freeze()], false)
             }
         };
     }
     if len == 0 {
         encode_none(&mut head, mode, cookie, offset);
-        return vec![head.freeze()];
+        return (vec![head.freeze()], true);
     }
     let chunks = if df || !export.caps().extents {
         backend
@@ -161,7 +178,7 @@ async fn read<B: Backend>(
                 offset,
                 &to_errno(&e, ErrnoContext::default()),
             );
-            return vec![head.freeze()];
+            return (vec![head.freeze()], false);
         }
     };
     export.stats().read_done(u64::from(len));
@@ -184,7 +201,7 @@ async fn read<B: Backend>(
     if !head.is_empty() {
         parts.push(head.freeze());
     }
-    parts
+    (parts, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -197,7 +214,7 @@ async fn block_status<B: Backend>(
     len: u64,
     req_one: bool,
     head: &mut BytesMut,
-) {
+) -> Option<u64> {
     let contexts: Vec<(ExtentContext, u32)> = [
         meta.allocation.map(|id| (ExtentContext::Allocation, id)),
         meta.dirty.map(|id| (ExtentContext::Dirty, id)),
@@ -211,6 +228,8 @@ async fn block_status<B: Backend>(
         super::extents::MAX_EXTENTS
     };
     let mut body = BytesMut::new();
+    // What every context's reply described: the shortest of them.
+    let mut described = len;
     for (i, &(context, id)) in contexts.iter().enumerate() {
         let found = export.backend().extents(context, offset, len, max).await;
         let mut wire = match found {
@@ -223,7 +242,7 @@ async fn block_status<B: Backend>(
                     offset,
                     &to_errno(&e, ErrnoContext::default()),
                 );
-                return;
+                return None;
             }
         };
         if wire.is_empty() {
@@ -233,7 +252,7 @@ async fn block_status<B: Backend>(
             } else {
                 let err = RequestError::new(NBD_EIO, "the backend returned no dirty extents");
                 encode_error_chunk(head, mode, cookie, offset, &err);
-                return;
+                return None;
             }
         }
         if mode != ReplyMode::Extended {
@@ -243,8 +262,10 @@ async fn block_status<B: Backend>(
                 e.0 = e.0.min(u64::from(u32::MAX) & !511);
             }
         }
+        described = described.min(wire.iter().fold(0u64, |n, e| n.saturating_add(e.0)));
         let done = i + 1 == contexts.len();
         encode_block_status(&mut body, mode, done, cookie, offset, id, &wire);
     }
     head.unsplit(body);
+    Some(if contexts.is_empty() { 0 } else { described })
 }

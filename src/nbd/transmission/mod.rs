@@ -14,6 +14,7 @@ use self::request::{Command, Limits, header_len, parse_request, validate_request
 use super::consts::*;
 use super::error::ProtocolError;
 use super::handshake::Negotiated;
+use super::{Answered, Observer};
 use crate::backend::Backend;
 use crate::bufpool::PoolBuf;
 use crate::shutdown::Shutdown;
@@ -63,8 +64,25 @@ struct Outgoing {
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
+/// Who is told of every answered request: the observer, and this
+/// connection's number.
+#[derive(Clone)]
+pub struct Watch {
+    /// Told of each answered request.
+    pub observer: Arc<dyn Observer>,
+    /// The connection.
+    pub conn: u64,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("conn", &self.conn).finish()
+    }
+}
+
 /// Run the transmission phase until DISC, EOF or shutdown. In-flight
-/// requests are always finished and their replies written before it returns.
+/// requests are always finished and their replies written before it
+/// returns, and `watch` is told of each one before its reply is sent.
 ///
 /// # Errors
 /// The client broke the protocol (bad magic, oversized payload) or the
@@ -75,6 +93,7 @@ pub async fn run<R, W, B>(
     negotiated: Negotiated<B>,
     config: TransmissionConfig,
     shutdown: Shutdown,
+    watch: Watch,
 ) -> Result<End, ProtocolError>
 where
     R: AsyncRead + Unpin + Send,
@@ -163,6 +182,15 @@ where
                     message = %err.message,
                     "request rejected"
                 );
+                watch.observer.answered(
+                    watch.conn,
+                    &Answered {
+                        command: header.kind,
+                        offset: header.offset,
+                        len: header.len,
+                        ok: false,
+                    },
+                );
                 let mut buf = BytesMut::with_capacity(64);
                 reply::encode_status(&mut buf, mode, header.cookie, header.offset, Err(&err));
                 let _ = tx.send(Outgoing {
@@ -190,9 +218,10 @@ where
         let export = Arc::clone(&export);
         let meta = Arc::clone(&meta);
         let tx = tx.clone();
+        let watch = watch.clone();
         tokio::spawn(
             async move {
-                let parts = execute::execute(
+                let (parts, answered) = execute::execute(
                     &export,
                     mode,
                     &meta,
@@ -202,6 +231,7 @@ where
                     payload,
                 )
                 .await;
+                watch.observer.answered(watch.conn, &answered);
                 let _ = tx.send(Outgoing {
                     parts,
                     _permits: permits,
