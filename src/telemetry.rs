@@ -1,16 +1,37 @@
 //! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 /// Install the stderr subscriber once. Later calls do nothing.
+///
+/// `RUST_LOG` takes `level` or `target=level` directives separated by
+/// commas (`debug`, `info,nbdbridge::nbd=trace`); one that does not parse
+/// is named on stderr and `info` is used.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => filter_from(&spec).unwrap_or_else(|e| {
+            eprintln!("nbdbridge: ignoring RUST_LOG={spec:?} ({e}); logging at info");
+            Targets::new().with_default(LevelFilter::INFO)
+        }),
+        _ => Targets::new().with_default(LevelFilter::INFO),
+    };
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(crate::progress::StderrWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .try_init();
+        .with_filter(filter);
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// The filter a `RUST_LOG` value asks for.
+///
+/// # Errors
+/// A directive that is neither a level nor `target=level`.
+fn filter_from(spec: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> {
+    spec.parse()
 }
 
 /// Show at most the first 8 characters of a secret (ticket ids, tokens).
@@ -77,5 +98,17 @@ mod tests {
         assert_eq!(super::error_chain(&outer), "read: disk on fire");
         assert_eq!(super::redact("0123456789abcdef"), "01234567…");
         assert_eq!(super::redact("short"), "short");
+    }
+
+    #[test]
+    fn rust_log_takes_levels_and_targets() {
+        use tracing::Level;
+        let f = super::filter_from("info,nbdbridge::nbd=trace").expect("parses");
+        assert!(f.would_enable("nbdbridge::nbd::handshake", &Level::TRACE));
+        assert!(f.would_enable("nbdbridge::engine", &Level::INFO));
+        assert!(!f.would_enable("nbdbridge::engine", &Level::DEBUG));
+        let f = super::filter_from("debug").expect("parses");
+        assert!(f.would_enable("hyper", &Level::DEBUG));
+        assert!(super::filter_from("nbdbridge=loud").is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! drives a transfer of `nbdbridge engine` and moves the data through a
 //! real ovirt-imageio daemon registered as the engine's host.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! `nbdbridge engine` with the real ovirt-imageio daemon as its host, driven
 //! by real NBD clients.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

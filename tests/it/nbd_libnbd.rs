@@ -9,7 +9,7 @@
 //! uses compact requests (simple or structured replies); `nbd_raw.rs` and
 //! the qemu tools cover extended headers.
 
-mod support;
+use crate::support;
 
 use support::nbd::{self, Run, ServeOpts};
 use support::{SYSTEM_PYTHON, require};

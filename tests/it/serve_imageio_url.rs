@@ -1,7 +1,7 @@
 //! `nbdbridge serve --imageio-url`: the imageio backend alone, against our
 //! data server and the real ovirt-imageio daemon, with real NBD clients.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

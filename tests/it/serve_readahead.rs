@@ -4,7 +4,7 @@
 //! connections, small requests, qemu-img's own pattern, an odd-sized tail),
 //! against our data server and the real ovirt-imageio daemon.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

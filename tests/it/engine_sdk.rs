@@ -5,7 +5,7 @@
 //! [`on_both_hosts!`] makes a `FLOW::embedded_host` and a
 //! `FLOW::daemon_host` test of it.
 
-mod support;
+use crate::support;
 
 use support::engine::{HostKind, Setup, have_tools, run_script};
 

@@ -2,7 +2,7 @@
 //! connections and many requests in flight, in both directions: bit-exact,
 //! holes preserved.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

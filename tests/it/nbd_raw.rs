@@ -4,7 +4,7 @@
 //! disturbing another. libnbd 1.14 cannot negotiate extended headers, so the
 //! 32-byte request and reply layouts are checked here.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! body limits, double slashes, and the system phases against a host whose
 //! data server is not running. Needs nothing but our binary.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::engine::{Engine, element, first_id, http, login};

@@ -4,7 +4,7 @@
 //! deliberately differ (HEAD, range clamping, stricter input checks) and
 //! robustness (bad input never writes, the server keeps serving).
 
-mod support;
+use crate::support;
 
 use serde_json::json;
 use std::io::{Read, Write};

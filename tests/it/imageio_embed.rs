@@ -1,7 +1,7 @@
 //! The data server embedded in-process (how the engine uses it): start,
 //! install a ticket through the Rust API, serve, shut down cleanly.
 
-mod support;
+use crate::support;
 
 use nbdbridge::imageio::{Config, DataServer, TicketSpec};
 use support::imageio::curl;

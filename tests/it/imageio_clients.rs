@@ -2,7 +2,7 @@
 //! the real ovirt-imageio daemon: the same test function runs for both, so
 //! the client cannot tell them apart.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

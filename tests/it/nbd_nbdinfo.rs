@@ -1,7 +1,7 @@
 //! nbdinfo: size, capabilities (--can / --is), the allocation map with
 //! real offsets, JSON and export listing.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use support::nbd::{self, Run, ServeOpts};

@@ -3,7 +3,7 @@
 //! does for `format=raw` transfers of QCOW2 disks). Every scenario runs
 //! against both servers and the observations are compared.
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use std::path::Path;

@@ -14,7 +14,7 @@
 //! - SIGHUP, `--exit-with-parent` with `--pid-file`, and the printed resume
 //!   command run verbatim.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;

@@ -3,7 +3,7 @@
 //! request / extended reply path; each asserts from qemu's own trace that
 //! extended headers were acknowledged.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,7 +1,7 @@
 //! The README's main job: `nbdbridge serve --disk NAME --size SIZE` with
 //! the embedded engine and data server, driven by qemu-img and nbdcopy.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;
