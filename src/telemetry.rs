@@ -1,9 +1,9 @@
 //! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
 
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 /// Install the stderr subscriber once. Later calls do nothing.
 ///

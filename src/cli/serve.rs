@@ -487,7 +487,7 @@ fn resume_args(args: &ServeArgs) -> Vec<String> {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| argv.first().cloned().unwrap_or_else(|| "nbdbridge".into())),
     );
-    let mut words = argv.into_iter().skip(1).peekable();
+    let mut words = argv.into_iter().skip(1);
     while let Some(w) = words.next() {
         let name = w.split('=').next().unwrap_or("");
         if TARGET.contains(&name) {

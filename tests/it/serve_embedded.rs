@@ -384,13 +384,15 @@ fn a_paused_upload_is_named_and_resumed_verbatim() {
         .trim()
         .to_string();
 
+    // The first command line but its target (the resume command keeps
+    // `--socket`, so another socket would name another command).
     let again = support::output_within(
         Command::new(bin())
             .arg("serve")
             .arg("--data-dir")
             .arg(&data)
             .arg("--socket")
-            .arg(tmp.path().join("other.sock"))
+            .arg(&sock)
             .args(["--disk", "held"]),
         Duration::from_secs(60),
     );
