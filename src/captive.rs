@@ -49,6 +49,8 @@ impl RunEnv {
 #[derive(Debug)]
 pub struct Captive {
     child: Option<Child>,
+    /// The status to report at once: the command could not be started.
+    failed: Option<i32>,
 }
 
 impl Captive {
@@ -68,18 +70,40 @@ impl Captive {
             .stdin(Stdio::null())
             .spawn()?;
         tracing::info!(pid = child.id(), command = cmd, "--run command started");
-        Ok(Captive { child: Some(child) })
+        Ok(Captive {
+            child: Some(child),
+            failed: None,
+        })
+    }
+
+    /// Start `cmd` as [`Captive::spawn`] does; if `sh` itself cannot be
+    /// started, say so and report status 127 (a shell's "cannot run") as
+    /// the command's exit, so the rules decide as for a failed command.
+    pub fn start(cmd: &str, env: &RunEnv) -> Self {
+        Captive::spawn(cmd, env).unwrap_or_else(|e| {
+            tracing::error!(error = %e, command = cmd, "cannot start the --run command");
+            Captive {
+                child: None,
+                failed: Some(127),
+            }
+        })
     }
 
     /// No command (waiting on it never ends).
     pub fn none() -> Self {
-        Captive { child: None }
+        Captive {
+            child: None,
+            failed: None,
+        }
     }
 
     /// Wait until the command exits; its status as a shell shows it (128 +
     /// N when killed by signal N). Never returns when there is no command
     /// (or it was already reaped), so it can sit in a `select!`.
     pub async fn exited(&mut self) -> i32 {
+        if let Some(code) = self.failed.take() {
+            return code;
+        }
         let Some(child) = &mut self.child else {
             return std::future::pending().await;
         };

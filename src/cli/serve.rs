@@ -624,7 +624,7 @@ async fn serve<B: Backend>(
     let serving = tokio::spawn(Arc::clone(&server).serve(listener));
     ready(pid_file, &env.uri)?;
     let mut child = match &args.run {
-        Some(cmd) => Captive::spawn(cmd, &env).map_err(|e| format!("cannot run `{cmd}`: {e}"))?,
+        Some(cmd) => Captive::start(cmd, &env),
         None => Captive::none(),
     };
     let progress = {

@@ -271,8 +271,7 @@ async fn serve(
     tracing::info!(uri = %env.uri, ?direction, "serving the transfer");
 
     let child = match &options.run {
-        Some(cmd) => Captive::spawn(cmd, &env)
-            .map_err(|e| Error::Config(format!("cannot run `{cmd}`: {e}")))?,
+        Some(cmd) => Captive::start(cmd, &env),
         None => Captive::none(),
     };
     let progress = options.progress.then(|| {

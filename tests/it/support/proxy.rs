@@ -14,7 +14,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -203,11 +203,10 @@ pub struct NbdRelay {
 
 #[derive(Debug, Default)]
 struct Cut {
-    /// Connection number (1-based) to cut; 0: none.
-    conn: AtomicUsize,
-    /// After this many bytes from the client.
+    /// A cut is still to be made.
+    armed: AtomicBool,
+    /// After this many bytes from a client.
     after: AtomicU64,
-    accepted: AtomicUsize,
     done: AtomicUsize,
 }
 
@@ -232,13 +231,10 @@ impl NbdRelay {
                         let Ok((client, _)) = listener.accept().await else {
                             continue;
                         };
-                        let n = shared.accepted.fetch_add(1, Ordering::SeqCst) + 1;
-                        let limit = (shared.conn.load(Ordering::SeqCst) == n)
-                            .then(|| shared.after.load(Ordering::SeqCst));
                         let target = target.clone();
                         let shared = Arc::clone(&shared);
                         tokio::spawn(async move {
-                            if relay(client, &target, limit).await {
+                            if relay(client, &target, &shared).await {
                                 shared.done.fetch_add(1, Ordering::SeqCst);
                             }
                         });
@@ -263,11 +259,13 @@ impl NbdRelay {
         format!("nbd+unix:///?socket={}", self.path.display())
     }
 
-    /// Cut connection number `conn` (1-based, in accept order) once its
-    /// client has sent `after` bytes.
-    pub fn cut(&self, conn: usize, after: u64) {
+    /// Cut the first connection whose client has sent `after` bytes, both
+    /// ways at once, as a dead network would; exactly one is cut, whichever
+    /// of a multi-connection client's connections carries the data
+    /// (nbdcopy gives an image this small to a single worker).
+    pub fn cut(&self, after: u64) {
         self.cut.after.store(after, Ordering::SeqCst);
-        self.cut.conn.store(conn, Ordering::SeqCst);
+        self.cut.armed.store(true, Ordering::SeqCst);
     }
 
     /// Connections cut so far.
@@ -289,7 +287,7 @@ impl Drop for NbdRelay {
 }
 
 /// Relay one connection; true when it was cut.
-async fn relay(client: UnixStream, target: &Path, limit: Option<u64>) -> bool {
+async fn relay(client: UnixStream, target: &Path, cut: &Cut) -> bool {
     let Ok(server) = UnixStream::connect(target).await else {
         return false;
     };
@@ -301,9 +299,15 @@ async fn relay(client: UnixStream, target: &Path, limit: Option<u64>) -> bool {
     });
     let mut sent = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
-    let cut = loop {
+    let was_cut = loop {
+        let limit = cut
+            .armed
+            .load(Ordering::SeqCst)
+            .then(|| cut.after.load(Ordering::SeqCst));
         let room = match limit {
-            Some(l) if sent >= l => break true,
+            // The first connection past the limit takes the one cut.
+            Some(l) if sent >= l && cut.armed.swap(false, Ordering::SeqCst) => break true,
+            Some(l) if sent >= l => buf.len(),
             Some(l) => buf
                 .len()
                 .min(usize::try_from(l - sent).unwrap_or(usize::MAX)),
@@ -318,7 +322,7 @@ async fn relay(client: UnixStream, target: &Path, limit: Option<u64>) -> bool {
         }
         sent += n as u64;
     };
-    if cut {
+    if was_cut {
         // Both ways at once, as a dead network would.
         down.abort();
         drop(sw);
