@@ -23,7 +23,7 @@ use crate::backend::{Backend, ExtentContext};
 use crate::captive::{Captive, RunEnv};
 use crate::nbd::consts::*;
 use crate::nbd::{Answered, End, Export, Exports, Listener, Observer, Server};
-use crate::ovirt::{Direction, Phase};
+use crate::ovirt::{Direction, Format, Phase};
 use crate::phases::{self, Action, Coverage, Ending, Event, Final, Machine, Op, RangeSet};
 use crate::progress::{Progress, Sample};
 use crate::shutdown::{self, Shutdown};
@@ -200,9 +200,12 @@ async fn serve(
     announce: impl FnOnce(&str) -> std::io::Result<()>,
 ) -> Result<Outcome> {
     let direction = session.transfer().direction;
-    let size = match &session.transfer().disk_id {
-        Some(id) => client.disk(id).await?.provisioned_size,
-        None => None,
+    let size = match (&session.transfer().disk_id, session.transfer().format) {
+        // A cow transfer (`--allow-cow`) moves the QCOW2 file itself: its
+        // size is the file's, which the data server's extents give, not the
+        // disk's virtual size (reads past the file's end would fail).
+        (_, Some(Format::Cow)) | (None, _) => None,
+        (Some(id), _) => client.disk(id).await?.provisioned_size,
     };
     let data = DataOptions {
         size,
