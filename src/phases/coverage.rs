@@ -12,6 +12,7 @@
 //! have been described by BLOCK_STATUS or read.
 
 use super::RangeSet;
+use crate::progress::format_bytes;
 
 /// What a download must still read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,31 +83,16 @@ impl Coverage {
             let seen = self.size - self.unseen.as_ref().map_or(0, RangeSet::total);
             return format!(
                 "the disk has no data; {} of {} described",
-                human(seen),
-                human(self.size)
+                format_bytes(seen),
+                format_bytes(self.size)
             );
         }
         format!(
             "{} of {} of data read ({}%)",
-            human(self.done()),
-            human(self.data),
+            format_bytes(self.done()),
+            format_bytes(self.data),
             self.done() * 100 / self.data
         )
-    }
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} bytes")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
@@ -125,7 +111,7 @@ mod tests {
         assert_eq!(c.done(), 10);
         c.read(45, 20);
         assert!(c.complete());
-        assert_eq!(c.summary(), "20 bytes of 20 bytes of data read (100%)");
+        assert_eq!(c.summary(), "20 B of 20 B of data read (100%)");
     }
 
     #[test]

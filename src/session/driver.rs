@@ -233,14 +233,7 @@ async fn serve(
     if let Some(c) = &coverage {
         tracing::info!("a download ends once {} has been read", c.summary());
     }
-    let keepalive_after = Duration::from_secs(
-        session
-            .transfer()
-            .inactivity_timeout
-            .unwrap_or(60)
-            .clamp(3, 120)
-            / 3,
-    );
+    let keepalive_after = keepalive_after(&session);
     let machine = Machine::new(
         phases::Config {
             direction,
@@ -321,6 +314,20 @@ async fn serve(
     outcome
 }
 
+/// How often a quiet serve keeps the ticket alive: a third of the
+/// transfer's inactivity timeout (60 s when the engine gives none), so
+/// a keepalive that is late or lost still leaves time for the next.
+fn keepalive_after(session: &TransferSession) -> Duration {
+    Duration::from_secs(
+        session
+            .transfer()
+            .inactivity_timeout
+            .unwrap_or(60)
+            .clamp(3, 120)
+            / 3,
+    )
+}
+
 struct Driver {
     session: TransferSession,
     judge: Arc<Judge>,
@@ -339,7 +346,7 @@ impl Driver {
         mut actions: mpsc::UnboundedReceiver<Action>,
         mut signals: shutdown::Signals,
     ) -> Result<Outcome> {
-        let mut poll = tokio::time::interval(POLL.min(self.judge_keepalive()));
+        let mut poll = tokio::time::interval(POLL.min(keepalive_after(&self.session)));
         let mut engine_down_since: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -378,17 +385,6 @@ impl Driver {
                 }
             }
         }
-    }
-
-    fn judge_keepalive(&self) -> Duration {
-        Duration::from_secs(
-            self.session
-                .transfer()
-                .inactivity_timeout
-                .unwrap_or(60)
-                .clamp(3, 120)
-                / 3,
-        )
     }
 
     /// Carry out one action; the outcome once serve is over.
