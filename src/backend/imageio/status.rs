@@ -45,9 +45,48 @@ pub fn from_status(what: &str, status: u16, body: &str, ctx: &ErrorContext) -> E
     let message = if body.is_empty() {
         format!("{what}: HTTP {status}")
     } else {
-        format!("{what}: HTTP {status}: {body}")
+        // The message reaches logs and NBD clients: a ticket id the server
+        // quotes ("No such ticket <id>") is a bearer secret.
+        format!("{what}: HTTP {status}: {}", redact_ids(body))
     };
     Error::new(kind, message)
+}
+
+/// Shortest word taken for an id (a ticket, a transfer): UUIDs have 36
+/// characters, imageio ticket ids are UUIDs or longer random words.
+const MIN_ID_LEN: usize = 16;
+
+/// `123` or `0-4095` (a UUID has four dashes).
+fn is_number_or_range(word: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match word.split_once('-') {
+        Some((a, b)) => digits(a) && digits(b),
+        None => digits(word),
+    }
+}
+
+/// `text` with every word that may be a ticket id cut short as
+/// [`crate::telemetry::redact`] does: a run of ticket-id characters
+/// (`[A-Za-z0-9._-]`) of at least 16 characters that is not a plain number
+/// or range (sizes, offsets and byte ranges stay readable).
+pub fn redact_ids(text: &str) -> String {
+    let is_id_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(is_id_char) {
+        let (before, from) = rest.split_at(start);
+        out.push_str(before);
+        let end = from.find(|c: char| !is_id_char(c)).unwrap_or(from.len());
+        let (word, after) = from.split_at(end);
+        if word.len() >= MIN_ID_LEN && !is_number_or_range(word) {
+            out.push_str(&crate::telemetry::redact(word));
+        } else {
+            out.push_str(word);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 async fn read_error_body(mut resp: reqwest::Response) -> String {
@@ -117,6 +156,35 @@ mod tests {
         assert!(is_transport(&e));
         assert!(!text.contains("0123456789abcdef0123"), "{text}");
         assert!(text.contains("/images/01234567…/extents"), "{text}");
+    }
+
+    #[test]
+    fn ticket_ids_in_server_messages_are_cut_short() {
+        let c = ErrorContext::default();
+        let id = "6c9b2e3a-6f1d-4d7e-9d55-0123456789ab";
+        // ovirt-imageio's and our data server's wording.
+        for body in [
+            format!("You are not allowed to access this resource: No such ticket {id}"),
+            format!("No such ticket '{id}'"),
+        ] {
+            let e = from_status("GET", 403, &body, &c);
+            let text = e.to_string();
+            assert!(!text.contains(id), "{text}");
+            assert!(!text.contains("0123456789ab"), "{text}");
+            assert!(text.contains("6c9b2e3a…"), "{text}");
+            assert!(text.contains("No such ticket"), "{text}");
+        }
+        // Numbers and short words stay.
+        assert_eq!(
+            redact_ids("Requested range 0-10995116277760 is past size 4294967296000000"),
+            "Requested range 0-10995116277760 is past size 4294967296000000"
+        );
+        assert_eq!(redact_ids("(x) a.b, c"), "(x) a.b, c");
+        assert_eq!(redact_ids(""), "");
+        assert_eq!(
+            redact_ids("é ticket=abcdefghijklmnopqrst!"),
+            "é ticket=abcdefgh…!"
+        );
     }
 
     #[test]
