@@ -624,7 +624,7 @@ mod tests {
             ..Timing::default()
         };
         let (state, seen, _dir) = engine_with_fake(Fake::default(), timing).await;
-        let (disk, t) = disk_and_transfer(&state, Some("3"));
+        let (disk, t) = disk_and_transfer(&state, Some("6"));
         let phase = || state.db.transfer(&t.id).unwrap().unwrap().phase;
         wait_for("transferring", || phase() == model::Phase::Transferring).await;
         let calls = |m: &str| seen.lock().unwrap().iter().filter(|(x, _)| x == m).count();
@@ -636,7 +636,7 @@ mod tests {
             assert_eq!(put["size"], 1 << 20);
             assert_eq!(put["ops"], serde_json::json!(["write"]));
             assert_eq!(put["timeout"], 2);
-            assert_eq!(put["inactivity_timeout"], 3);
+            assert_eq!(put["inactivity_timeout"], 6);
             let url = put["url"].as_str().unwrap();
             assert!(
                 url.starts_with("file:///") && url.ends_with(&disk.id),
@@ -655,7 +655,8 @@ mod tests {
             .unwrap();
         assert_eq!(patch.1, r#"{"timeout":2}"#);
         // No idle_time reported and no progress: idle since the last
-        // update, so the legacy policy pauses the upload after 3 s.
+        // update, so the legacy policy pauses the upload after 6 s (renewal
+        // comes after 1 s: 5 s of margin on a loaded machine).
         wait_for("paused_system", || phase() == model::Phase::PausedSystem).await;
         assert!(calls("GET") >= 2);
         transfer::act(&state, &t.id, transfer::Action::Cancel)
