@@ -49,8 +49,10 @@ with connect(url, password_file) as connection:
     expect_error(sdk.NotFoundError, 404, disks.disk_service(disk.id).get)
     ok("inactivity cancel")
 
+    # 5 s: after the resume below the client must start its upload within
+    # that time, even on a loaded machine.
     disk, ts = start(connection, "system-legacy", host=types.Host(id=up.id),
-                     inactivity_timeout=3)
+                     inactivity_timeout=5)
     wait_phase(ts, P.PAUSED_SYSTEM)
     assert disks.disk_service(disk.id).get().status == types.DiskStatus.LOCKED
     ok("inactivity legacy upload paused_system")
