@@ -6,6 +6,14 @@
 //! that its phase is still the one the caller saw, and writes the change
 //! (compare and set), so a client action and the monitor never overwrite
 //! each other.
+//!
+//! WAL with `synchronous=NORMAL`: a commit is atomic but the last ones may
+//! be lost on power loss. The transfer driver commits on every watch tick,
+//! so that is the common case; the rare changes whose loss would mislead a
+//! client (a transfer created or moved to another phase, a disk's status,
+//! a disk deleted) are written with `synchronous=FULL` ([`durably`]): when
+//! the API has answered `finished_success`, a power cut cannot bring back
+//! `finalizing_success` or a locked disk.
 
 use super::error::{Error, Result};
 use super::model::{Direction, Disk, DiskStatus, Format, Host, Phase, TimeoutPolicy, Transfer};
@@ -129,6 +137,46 @@ fn transfer_from_row(row: &Row<'_>) -> rusqlite::Result<Transfer> {
     })
 }
 
+/// The body of [`Db::insert_transfer_locking_disk`], in one transaction.
+fn insert_locking_disk(conn: &mut Connection, t: &Transfer) -> Result<()> {
+    let tx = conn.transaction()?;
+    let disk = read_disk(&tx, &t.disk_id)?
+        .ok_or_else(|| Error::NotFound(format!("Entity not found: {}", t.disk_id)))?;
+    match disk.status {
+        DiskStatus::Ok => {}
+        DiskStatus::Locked => {
+            return Err(Error::Conflict(format!(
+                "Cannot transfer Virtual Disk: Disk {} is locked. Please try again in a few minutes.",
+                disk.id
+            )));
+        }
+        DiskStatus::Illegal => {
+            return Err(Error::Conflict(format!(
+                "Cannot transfer Virtual Disk: Disk {} is illegal.",
+                disk.id
+            )));
+        }
+    }
+    tx.execute(
+        "UPDATE disks SET status = ?2 WHERE id = ?1",
+        params![t.disk_id, DiskStatus::Locked.as_str()],
+    )?;
+    write_transfer(&tx, t)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Run `f` with `synchronous=FULL`, so its commit is on disk when it
+/// returns, then go back to NORMAL (also when `f` fails).
+fn durably<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("PRAGMA synchronous = FULL")?;
+    let out = f(conn);
+    let back = conn.execute_batch("PRAGMA synchronous = NORMAL");
+    let out = out?;
+    back?;
+    Ok(out)
+}
+
 fn write_transfer(conn: &Connection, t: &Transfer) -> rusqlite::Result<()> {
     conn.execute(
         &format!(
@@ -189,6 +237,14 @@ impl Db {
         })
     }
 
+    /// The `PRAGMA synchronous` level now (1 NORMAL, 2 FULL).
+    #[cfg(test)]
+    fn synchronous(&self) -> i64 {
+        self.lock()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap_or(-1)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (each statement is atomic), so a poisoned lock is still usable.
@@ -228,11 +284,13 @@ impl Db {
 
     /// Set a disk's status.
     pub fn set_disk_status(&self, id: &str, status: DiskStatus) -> Result<()> {
-        self.lock().execute(
-            "UPDATE disks SET status = ?2 WHERE id = ?1",
-            params![id, status.as_str()],
-        )?;
-        Ok(())
+        durably(&mut self.lock(), |conn| {
+            conn.execute(
+                "UPDATE disks SET status = ?2 WHERE id = ?1",
+                params![id, status.as_str()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Delete a disk row unless a transfer holds it; `Ok(false)` if it is held
@@ -250,9 +308,10 @@ impl Db {
 
     /// Delete a disk row unconditionally.
     pub fn delete_disk(&self, id: &str) -> Result<()> {
-        self.lock()
-            .execute("DELETE FROM disks WHERE id = ?1", params![id])?;
-        Ok(())
+        durably(&mut self.lock(), |conn| {
+            conn.execute("DELETE FROM disks WHERE id = ?1", params![id])?;
+            Ok(())
+        })
     }
 
     // ---- hosts ----
@@ -286,32 +345,7 @@ impl Db {
     /// Conflict if the disk is not `ok` (locked by another transfer or
     /// illegal), NotFound if the disk is gone.
     pub fn insert_transfer_locking_disk(&self, t: &Transfer) -> Result<()> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let disk = read_disk(&tx, &t.disk_id)?
-            .ok_or_else(|| Error::NotFound(format!("Entity not found: {}", t.disk_id)))?;
-        match disk.status {
-            DiskStatus::Ok => {}
-            DiskStatus::Locked => {
-                return Err(Error::Conflict(format!(
-                    "Cannot transfer Virtual Disk: Disk {} is locked. Please try again in a few minutes.",
-                    disk.id
-                )));
-            }
-            DiskStatus::Illegal => {
-                return Err(Error::Conflict(format!(
-                    "Cannot transfer Virtual Disk: Disk {} is illegal.",
-                    disk.id
-                )));
-            }
-        }
-        tx.execute(
-            "UPDATE disks SET status = ?2 WHERE id = ?1",
-            params![t.disk_id, DiskStatus::Locked.as_str()],
-        )?;
-        write_transfer(&tx, t)?;
-        tx.commit()?;
-        Ok(())
+        durably(&mut self.lock(), |conn| insert_locking_disk(conn, t))
     }
 
     /// One transfer.
@@ -337,11 +371,18 @@ impl Db {
         id: &str,
         change: impl FnOnce(&mut Transfer) -> Result<()>,
     ) -> Result<Transfer> {
-        let conn = self.lock();
+        let mut conn = self.lock();
         let mut t = read_transfer(&conn, id)?
             .ok_or_else(|| Error::NotFound(format!("Entity not found: {id}")))?;
+        let before = t.phase;
         change(&mut t)?;
-        write_transfer(&conn, &t)?;
+        // A phase change reaches the disk before the API answers (a few
+        // per transfer); the watch tick's bookkeeping need not.
+        if t.phase != before {
+            durably(&mut conn, |conn| Ok(write_transfer(conn, &t)?))?;
+        } else {
+            write_transfer(&conn, &t)?;
+        }
         Ok(t)
     }
 
@@ -460,6 +501,41 @@ mod tests {
         assert_eq!(db.disk("d1").unwrap().unwrap().status, DiskStatus::Locked);
         let refused = db.update_transfer(&t.id, |_| Err(Error::Conflict("no".into())));
         assert!(matches!(refused, Err(Error::Conflict(_))));
+    }
+
+    #[test]
+    fn phase_changes_and_disk_changes_are_written_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.db");
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.synchronous(), 1);
+        // Inside `durably` the connection is FULL; after it, NORMAL again,
+        // whether `f` succeeded or failed.
+        let seen = durably(&mut db.lock(), |conn| {
+            Ok(conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?)
+        })
+        .unwrap();
+        assert_eq!(seen, 2);
+        assert_eq!(db.synchronous(), 1);
+        let failed: Result<()> = durably(&mut db.lock(), |_| Err(Error::Conflict("no".into())));
+        assert!(matches!(failed, Err(Error::Conflict(_))));
+        assert_eq!(db.synchronous(), 1);
+        db.insert_disk(&disk("d1")).unwrap();
+        let t = transfer("d1");
+        db.insert_transfer_locking_disk(&t).unwrap();
+        assert_eq!(db.synchronous(), 1);
+        let done = db
+            .update_transfer(&t.id, |t| {
+                t.phase = Phase::FinishedSuccess;
+                Ok(())
+            })
+            .unwrap();
+        db.set_disk_status("d1", DiskStatus::Ok).unwrap();
+        assert_eq!(db.synchronous(), 1);
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.transfer(&t.id).unwrap(), Some(done));
+        assert_eq!(db.disk("d1").unwrap().unwrap().status, DiskStatus::Ok);
     }
 
     #[test]
