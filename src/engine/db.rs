@@ -229,6 +229,15 @@ fn read_disk(conn: &Connection, id: &str) -> rusqlite::Result<Option<Disk>> {
 impl Db {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path) -> Result<Db> {
+        // 0600 from the start: it holds ticket ids. SQLite gives the -wal
+        // and -shm files the database file's mode; ones left by an older
+        // version are narrowed.
+        super::private::touch(path)?;
+        for side in ["-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(side);
+            super::private::narrow_file(Path::new(&name))?;
+        }
         let conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
         conn.execute_batch(SCHEMA)?;
@@ -536,6 +545,30 @@ mod tests {
         let db = Db::open(&path).unwrap();
         assert_eq!(db.transfer(&t.id).unwrap(), Some(done));
         assert_eq!(db.disk("d1").unwrap().unwrap().status, DiskStatus::Ok);
+    }
+
+    #[test]
+    fn the_database_files_are_private() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.db");
+        let mode = |suffix: &str| {
+            let p = dir.path().join(format!("engine.db{suffix}"));
+            std::fs::metadata(&p).map(|m| m.mode() & 0o777).unwrap()
+        };
+        {
+            let db = Db::open(&path).unwrap();
+            db.insert_disk(&disk(&new_id())).unwrap();
+            assert_eq!(mode(""), 0o600);
+            assert_eq!(mode("-wal"), 0o600);
+            assert_eq!(mode("-shm"), 0o600);
+        }
+        // Files an older version left readable are narrowed at open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let db = Db::open(&path).unwrap();
+        db.insert_disk(&disk(&new_id())).unwrap();
+        assert_eq!(mode(""), 0o600);
+        assert_eq!(mode("-wal"), 0o600);
     }
 
     #[test]

@@ -16,10 +16,11 @@ pub struct Images {
 pub const MAX_DISK_SIZE: u64 = 1 << 50;
 
 impl Images {
-    /// Images under `dir` (created if missing).
+    /// Images under `dir` (created 0700 if missing; an existing dir and
+    /// its images are narrowed to 0700 / 0600).
     pub fn open(dir: PathBuf) -> Result<Images> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        super::private::dir(&dir)?;
+        super::private::narrow_files_in(&dir)?;
         let dir = dir
             .canonicalize()
             .map_err(|e| Error::io(format!("resolve {}", dir.display()), e))?;
@@ -39,22 +40,28 @@ impl Images {
     /// Create the image file: a sparse file of the virtual size for raw, an
     /// empty QCOW2 image for cow (qemu-img; without it an empty file, which
     /// a `format=cow` upload then fills with QCOW2 bytes).
+    ///
+    /// The file is created 0600 here first; qemu-img then writes into the
+    /// existing file, which keeps its mode.
     pub fn create(&self, disk: &Disk) -> Result<()> {
         let path = self.path(&disk.id);
+        let file = super::private::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         if disk.format == Format::Cow {
             match super::qemu::create_qcow2(&path, disk.provisioned_size) {
                 Ok(()) => return Ok(()),
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                     tracing::warn!("qemu-img not found: the cow disk starts as an empty file");
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
             }
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         if disk.format == Format::Raw {
             file.set_len(disk.provisioned_size)
                 .map_err(|e| Error::io(format!("size {}", path.display()), e))?;

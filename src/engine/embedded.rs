@@ -25,7 +25,10 @@ const PORT_FILE: &str = "port";
 /// The sockets or the port cannot be bound.
 pub async fn start_data_server(data_dir: &Path) -> std::io::Result<DataServer> {
     let run = data_dir.join("imageio");
-    std::fs::create_dir_all(&run)?;
+    // The data dir and this one are 0700 (see `private`): the control
+    // socket installs tickets.
+    super::private::dir(data_dir).map_err(std::io::Error::other)?;
+    super::private::dir(&run).map_err(std::io::Error::other)?;
     remove_stale_sockets(&run);
     let pid = std::process::id();
     let config = |port: u16| {
@@ -52,7 +55,13 @@ pub async fn start_data_server(data_dir: &Path) -> std::io::Result<DataServer> {
         None => DataServer::start(config(0)).await?,
     };
     if last != Some(server.addr().port()) {
-        std::fs::write(&port_file, format!("{}\n", server.addr().port()))?;
+        use std::io::Write;
+        let mut f = super::private::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&port_file)?;
+        writeln!(f, "{}", server.addr().port())?;
     }
     Ok(server)
 }

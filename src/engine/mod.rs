@@ -27,6 +27,7 @@ pub mod embedded;
 mod error;
 mod host;
 mod model;
+mod private;
 mod qemu;
 mod sso;
 mod transfer;
@@ -250,12 +251,7 @@ const MAX_CONNECTIONS: usize = 256;
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, Error> {
     use std::os::fd::AsRawFd;
     let path = dir.join("engine.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let file = private::touch(&path)?;
     // SAFETY: flock(2) on a descriptor we own for the file's lifetime.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -286,15 +282,13 @@ fn read_password(path: &Path) -> Result<String, Error> {
 /// not exist.
 fn read_or_create_password(path: &Path) -> Result<String, Error> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
         return read_password(path);
     }
     let pw = uuid::Uuid::new_v4().simple().to_string();
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = private::options()
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
     writeln!(f, "{pw}").map_err(|e| Error::io(format!("write {}", path.display()), e))?;
@@ -309,9 +303,10 @@ impl Engine {
     /// The data directory, database, password file or listen address
     /// cannot be used.
     pub async fn start(config: EngineConfig, shutdown: Shutdown) -> Result<Engine, Error> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
+        // 0700: it holds ticket ids, the password and disk images.
+        private::dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
+        private::narrow_files_in(&config.data_dir)?;
         let db = Db::open(&config.data_dir.join("engine.db"))?;
         let images = Images::open(config.data_dir.join("images"))?;
         let nbd = qemu::NbdServers::new(config.data_dir.join("run"))?;
@@ -773,6 +768,35 @@ mod tests {
         })
         .await;
         assert_eq!(calls("DELETE"), 1);
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_data_dir_and_its_files_are_private() {
+        use std::os::unix::fs::MetadataExt;
+        let (state, _seen, dir) = engine_with_fake(Fake::default(), Timing::default()).await;
+        let (raw, _t) = disk_and_transfer(&state, None);
+        // A cow image is made by qemu-img in the file created 0600 first.
+        let cow = model::Disk {
+            id: model::new_id(),
+            name: "c".into(),
+            description: String::new(),
+            format: model::Format::Cow,
+            provisioned_size: 1 << 20,
+            status: model::DiskStatus::Ok,
+        };
+        state.images.create(&cow).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        let data = dir.path().join("engine");
+        for d in [data.clone(), data.join("images"), data.join("run")] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        for f in ["engine.db", "engine.lock", "password"] {
+            assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+        }
+        for d in [&raw, &cow] {
+            assert_eq!(mode(&state.images.path(&d.id)), 0o600, "{:?}", d.format);
+        }
         state.shutdown.trigger();
     }
 

@@ -33,8 +33,8 @@ fn short(id: &str) -> &str {
 impl NbdServers {
     /// Servers with sockets and pid files in `run_dir` (created).
     pub fn new(run_dir: PathBuf) -> Result<NbdServers> {
-        std::fs::create_dir_all(&run_dir)
-            .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
+        // 0700: qemu-nbd's sockets and pid files live here.
+        super::private::dir(&run_dir)?;
         Ok(NbdServers {
             run_dir,
             children: Mutex::new(HashMap::new()),
