@@ -20,8 +20,8 @@ const DELETE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Largest control reply we read.
 const MAX_REPLY: usize = 64 * 1024;
 
-/// A ticket as the control API takes it.
-#[derive(Debug, Clone, Serialize)]
+/// A ticket as the control API takes it (`Debug` cuts the id short).
+#[derive(Clone, Serialize)]
 pub struct TicketSpec {
     /// The ticket id (a secret: never log it in full).
     pub uuid: String,
@@ -45,6 +45,19 @@ pub struct TicketSpec {
     /// Download file name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub filename: Option<String>,
+}
+
+impl std::fmt::Debug for TicketSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketSpec")
+            .field("uuid", &redact(&self.uuid))
+            .field("size", &self.size)
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .field("ops", &self.ops)
+            .field("transfer_id", &self.transfer_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What we read from `GET /tickets/<id>`.

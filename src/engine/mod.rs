@@ -186,8 +186,8 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Error> {
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Shared by the API handlers and the transfer drivers.
-#[derive(Debug)]
+/// Shared by the API handlers and the transfer drivers (`Debug` hides the
+/// password).
 pub(crate) struct State {
     db: Db,
     images: Images,
@@ -198,6 +198,19 @@ pub(crate) struct State {
     base: String,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     shutdown: Shutdown,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("db", &self.db)
+            .field("images", &self.images)
+            .field("hosts", &self.hosts)
+            .field("config", &self.config)
+            .field("password", &"<redacted>")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
 }
 
 impl State {
@@ -797,6 +810,15 @@ mod tests {
         for d in [&raw, &cow] {
             assert_eq!(mode(&state.images.path(&d.id)), 0o600, "{:?}", d.format);
         }
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test]
+    async fn debug_hides_the_password() {
+        let (state, _seen, _dir) = engine_with_fake(Fake::default(), Timing::default()).await;
+        let text = format!("{state:?}");
+        assert!(!text.contains(&state.password), "{text}");
+        assert!(text.contains("password: \"<redacted>\""), "{text}");
         state.shutdown.trigger();
     }
 

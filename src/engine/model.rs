@@ -50,8 +50,8 @@ impl Host {
     }
 }
 
-/// An image transfer as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An image transfer as stored (`Debug` cuts the ticket id short).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Transfer {
     /// UUID.
     pub id: String,
@@ -91,6 +91,22 @@ pub struct Transfer {
     pub failures: u32,
     /// Why it failed, if it did (logged and kept for the operator).
     pub message: String,
+}
+
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer")
+            .field("id", &self.id)
+            .field("disk_id", &self.disk_id)
+            .field("host_id", &self.host_id)
+            .field("direction", &self.direction)
+            .field("phase", &self.phase)
+            .field("ticket_id", &crate::telemetry::redact(&self.ticket_id))
+            .field("ticket_installed", &self.ticket_installed)
+            .field("transferred", &self.transferred)
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Seconds since the epoch.

@@ -15,8 +15,8 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Timeout of one API call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How to reach and log in to an engine.
-#[derive(Debug, Clone)]
+/// How to reach and log in to an engine (`Debug` hides the password).
+#[derive(Clone)]
 pub struct EngineConfig {
     /// API base: `https://engine/ovirt-engine/api`.
     pub url: String,
@@ -28,8 +28,20 @@ pub struct EngineConfig {
     pub tls: TlsOptions,
 }
 
-/// What we read of an `image_transfer`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// What we read of an `image_transfer` (`Debug` cuts the tickets in its
+/// URLs short).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Transfer {
     /// Transfer id.
     pub id: String,
@@ -50,6 +62,23 @@ pub struct Transfer {
     /// `raw` (guest data) or `cow` (the QCOW2 file's own bytes); `None`
     /// when absent or a value we do not know.
     pub format: Option<Format>,
+}
+
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = |u: &Option<String>| u.as_deref().map(crate::telemetry::redact_ticket_url);
+        f.debug_struct("Transfer")
+            .field("id", &self.id)
+            .field("phase", &self.phase)
+            .field("direction", &self.direction)
+            .field("transfer_url", &url(&self.transfer_url))
+            .field("proxy_url", &url(&self.proxy_url))
+            .field("disk_id", &self.disk_id)
+            .field("transferred", &self.transferred)
+            .field("inactivity_timeout", &self.inactivity_timeout)
+            .field("format", &self.format)
+            .finish()
+    }
 }
 
 /// What we read of a `disk`.
@@ -120,21 +149,44 @@ struct FaultXml {
     detail: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 struct TokenJson {
     access_token: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
 }
 
-/// A logged-in engine connection.
-#[derive(Debug)]
+impl std::fmt::Debug for TokenJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenJson")
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("error", &self.error)
+            .field("error_description", &self.error_description)
+            .finish()
+    }
+}
+
+/// A logged-in engine connection (`Debug` hides the password and token).
 pub struct EngineClient {
     api: String,
     origin: String,
     http: reqwest::Client,
     config: EngineConfig,
     token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for EngineClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let logged_in = self.token.lock().map(|t| t.is_some()).unwrap_or(false);
+        f.debug_struct("EngineClient")
+            .field("api", &self.api)
+            .field("config", &self.config)
+            .field("token", &if logged_in { "<redacted>" } else { "none" })
+            .finish_non_exhaustive()
+    }
 }
 
 impl EngineClient {
@@ -495,6 +547,39 @@ fn path_part(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_hides_the_password_token_and_tickets() {
+        let config = EngineConfig {
+            url: "https://engine/ovirt-engine/api".into(),
+            username: "admin@internal".into(),
+            password: "hunter2-very-secret".into(),
+            tls: TlsOptions::default(),
+        };
+        let text = format!("{config:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("password: \"<redacted>\""), "{text}");
+        let token: TokenJson =
+            serde_json::from_str(r#"{"access_token": "tok-abcdefghijklmnop"}"#).unwrap();
+        let text = format!("{token:?}");
+        assert!(!text.contains("tok-abcdefghijklmnop"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
+        let ticket = "0123456789abcdef0123456789abcdef";
+        let t = Transfer {
+            id: "t1".into(),
+            phase: Phase::Transferring,
+            direction: Direction::Upload,
+            transfer_url: Some(format!("https://host:54322/images/{ticket}")),
+            proxy_url: Some(format!("https://engine:54323/images/{ticket}")),
+            disk_id: None,
+            transferred: None,
+            inactivity_timeout: None,
+            format: None,
+        };
+        let text = format!("{t:?}");
+        assert!(!text.contains(ticket), "{text}");
+        assert!(text.contains("/images/01234567…"), "{text}");
+    }
 
     #[test]
     fn transfer_xml_of_a_real_engine() {
