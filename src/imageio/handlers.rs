@@ -344,8 +344,8 @@ async fn put(
                 Failure::closing(ApiError::BadRequest("Invalid Content-Range".into()))
             })?;
             let cr = parse_content_range(text).map_err(Failure::closing)?;
-            if let Some(last) = cr.last {
-                if last - cr.first + 1 != len && len != 0 {
+            if let Some(length) = cr.length() {
+                if length != len && len != 0 {
                     return Err(Failure::closing(ApiError::BadRequest(format!(
                         "Content-Range '{text}' does not match Content-Length {len}"
                     ))));

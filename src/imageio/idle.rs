@@ -17,6 +17,12 @@ const MIN_CHECK: Duration = Duration::from_millis(100);
 /// ticket is bound).
 const MAX_CHECK: Duration = Duration::from_secs(1);
 
+/// `d` in whole milliseconds, saturated: a ticket's `inactivity_timeout`
+/// near u64::MAX seconds must not wrap to a short timeout.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Activity of one connection.
 #[derive(Debug)]
 pub struct Activity {
@@ -35,14 +41,13 @@ impl Activity {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
-            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
+            timeout_ms: AtomicU64::new(millis(timeout)),
         }
     }
 
     /// Use `timeout` from now on.
     pub fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+        self.timeout_ms.store(millis(timeout), Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -157,6 +162,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_timeouts_saturate() {
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), u64::MAX);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        let a = Activity::new(Duration::from_secs(u64::MAX));
+        assert_eq!(a.timeout_ms.load(Ordering::Relaxed), u64::MAX);
+    }
 
     #[tokio::test]
     async fn idle_after_timeout_unless_busy() {

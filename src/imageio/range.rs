@@ -22,6 +22,16 @@ pub struct ContentRange {
     pub last: Option<u64>,
 }
 
+impl ContentRange {
+    /// Bytes the range names, if it names its last byte. Never overflows:
+    /// [`parse_content_range`] refuses a range whose length is not a u64.
+    pub fn length(&self) -> Option<u64> {
+        self.last
+            .and_then(|last| last.checked_sub(self.first))
+            .and_then(|n| n.checked_add(1))
+    }
+}
+
 /// Parse a `Range` header value. Errors are 416, with imageio's texts.
 pub fn parse_range(header: &str, total: u64) -> Result<ByteRange, ApiError> {
     let invalid = || {
@@ -84,6 +94,11 @@ pub fn parse_content_range(header: &str) -> Result<ContentRange, ApiError> {
         if last < first {
             return Err(ApiError::BadRequest(format!(
                 "Invalid Content-Range '{header}', first > last"
+            )));
+        }
+        if (last - first).checked_add(1).is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "Invalid Content-Range '{header}', the range is longer than 2^64-1 bytes"
             )));
         }
         if complete.is_some_and(|c| last >= c) {
@@ -192,5 +207,17 @@ mod tests {
             )
         );
         assert_eq!(msg(parse_content_range("bytes -1-2/*").unwrap_err()).0, 400);
+        // A length that does not fit in 64 bits is refused, not wrapped.
+        let max = u64::MAX;
+        let e = msg(parse_content_range(&format!("bytes 0-{max}/*")).unwrap_err());
+        assert_eq!(e.0, 400);
+        assert!(e.1.contains("longer than"), "{}", e.1);
+        let top = parse_content_range(&format!("bytes 1-{max}/*")).unwrap();
+        assert_eq!(top.length(), Some(max));
+        assert_eq!(parse_content_range("bytes 5-*/*").unwrap().length(), None);
+        assert_eq!(
+            parse_content_range("bytes 5-5/*").unwrap().length(),
+            Some(1)
+        );
     }
 }

@@ -467,7 +467,7 @@ impl Ticket {
     fn new(spec: TicketSpec, clock: Clock) -> Self {
         let now = clock.now_secs();
         let state = TicketState {
-            expires: now + spec.timeout,
+            expires: now.saturating_add(spec.timeout),
             access_time: now,
             ..TicketState::default()
         };
@@ -501,14 +501,14 @@ impl Ticket {
     pub fn touch(&self) {
         let now = self.clock.now_secs();
         let mut st = self.state();
-        st.expires = now + self.spec.timeout;
+        st.expires = now.saturating_add(self.spec.timeout);
         st.access_time = now;
     }
 
     /// Control `PATCH {"timeout": n}`: expire `n` seconds from now, once.
     pub fn extend(&self, timeout: u64) {
         let now = self.clock.now_secs();
-        self.state().expires = now + timeout;
+        self.state().expires = now.saturating_add(timeout);
     }
 
     /// Bind a connection to the ticket (counted in `connections`).
@@ -938,6 +938,19 @@ mod tests {
         drop(op);
         remove.await.unwrap();
         assert!(store.get("abc").is_none());
+    }
+
+    #[test]
+    fn timeouts_near_u64_max_saturate() {
+        let store = TicketStore::new(60, Duration::from_secs(1));
+        let max = u64::MAX;
+        store.add(spec(json!({"timeout": max, "inactivity_timeout": max})).unwrap());
+        let t = store.authorize("abc", Access::Read).unwrap();
+        assert_eq!(t.info()["expires"], json!(max));
+        t.extend(max);
+        t.touch();
+        assert!(store.authorize("abc", Access::Read).is_ok());
+        assert_eq!(t.info()["expires"], json!(max));
     }
 
     #[tokio::test]

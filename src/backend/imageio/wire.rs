@@ -87,9 +87,21 @@ pub enum Patch {
 /// Parse an extents answer, refusing absurd ones.
 ///
 /// # Errors
-/// Not the JSON list imageio sends.
+/// Not the JSON list imageio sends, or an extent that ends past the
+/// largest offset (`start + length` > `u64::MAX`).
 pub fn parse_extents(body: &[u8]) -> Result<Vec<WireExtent>, String> {
-    serde_json::from_slice::<Vec<WireExtent>>(body).map_err(|e| format!("bad extents JSON: {e}"))
+    let list = serde_json::from_slice::<Vec<WireExtent>>(body)
+        .map_err(|e| format!("bad extents JSON: {e}"))?;
+    if let Some(e) = list
+        .iter()
+        .find(|e| e.start.checked_add(e.length).is_none())
+    {
+        return Err(format!(
+            "bad extents: start {} + length {} passes the largest offset",
+            e.start, e.length
+        ));
+    }
+    Ok(list)
 }
 
 #[cfg(test)]
@@ -115,6 +127,15 @@ mod tests {
         assert_eq!(e[1].allocation().offset, 65536);
         assert!(e[1].allocation().hole);
         assert!(parse_extents(b"{}").is_err());
+        // Ends past u64::MAX are refused, the largest end is not.
+        let max = u64::MAX;
+        let over = format!(r#"[{{"start":{max},"length":1}}]"#);
+        let err = parse_extents(over.as_bytes()).unwrap_err();
+        assert!(err.contains("passes the largest offset"), "{err}");
+        let over = format!(r#"[{{"start":0,"length":4096}},{{"start":4096,"length":{max}}}]"#);
+        assert!(parse_extents(over.as_bytes()).is_err());
+        let edge = format!(r#"[{{"start":1,"length":{}}}]"#, max - 1);
+        assert_eq!(parse_extents(edge.as_bytes()).unwrap()[0].length, max - 1);
         let z = serde_json::to_string(&Patch::Zero {
             offset: 1,
             size: 2,
