@@ -4,7 +4,7 @@
 //! so `--run 'qemu-img convert -n src.qcow2 "$uri"'` works as it does with
 //! nbdkit; the server ends when CMD exits.
 
-use crate::nbd::Listener;
+use crate::nbd::{Listener, TlsMode};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -29,18 +29,23 @@ pub struct RunEnv {
 }
 
 impl RunEnv {
-    /// The environment for a server on `listener` exporting `export`.
-    pub fn of(listener: &Listener, export: &str) -> Self {
+    /// The environment for a server on `listener` exporting `export` with
+    /// NBD TLS `tls`.
+    pub fn of(listener: &Listener, export: &str, tls: TlsMode) -> Self {
         let (port, unixsocket) = match listener {
             Listener::Unix(_, path) => (None, Some(path.display().to_string())),
             Listener::Tcp(l) => (l.local_addr().ok().map(|a| a.port()), None),
         };
         RunEnv {
-            uri: listener.uri(export),
+            uri: listener.uri(export, tls),
             export: export.to_string(),
             port,
             unixsocket,
-            tls: 0,
+            tls: match tls {
+                TlsMode::Off => 0,
+                TlsMode::On => 1,
+                TlsMode::Require => 2,
+            },
         }
     }
 }

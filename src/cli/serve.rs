@@ -8,7 +8,7 @@ use nbdbridge::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use nbdbridge::captive::{Captive, RunEnv};
 use nbdbridge::engine::{self, Engine, embedded};
 use nbdbridge::nbd::consts::QEMU_DIRTY_BITMAP;
-use nbdbridge::nbd::{Export, Exports, Listener, Server};
+use nbdbridge::nbd::{Export, Exports, HandshakeOptions, Listener, Server, ServerTls, TlsMode};
 use nbdbridge::ovirt::{DiskStatus, Format};
 use nbdbridge::progress::{Progress, Sample};
 use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt, redact_url, scrub};
@@ -90,6 +90,22 @@ pub struct ServeArgs {
     /// Listen on TCP HOST:PORT instead (port 0 picks a free port).
     #[arg(long)]
     listen: Option<String>,
+    /// NBD TLS (nbdkit's `--tls`): `on` offers it, `require` refuses
+    /// plaintext clients. Needs `--tls-certificates`.
+    #[arg(long, value_enum, default_value = "off")]
+    tls: TlsArg,
+    /// Directory with `server-cert.pem`, `server-key.pem` and (for
+    /// `--tls-verify-peer`) `ca-cert.pem`, as qemu's tls-creds-x509 and
+    /// nbdkit use it.
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Require client certificates signed by `ca-cert.pem`.
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// Close connections that have not finished the NBD handshake within
+    /// this many seconds (0: no limit).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    handshake_limit: u64,
     /// Export name.
     #[arg(long, default_value = "")]
     export_name: String,
@@ -126,6 +142,14 @@ pub struct ServeArgs {
 enum DirectionArg {
     Upload,
     Download,
+}
+
+/// NBD TLS mode.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 /// Disk format.
@@ -514,6 +538,8 @@ fn direction(args: &ServeArgs) -> Direction {
 }
 
 async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptions, CliError> {
+    // Credentials first: a bad --tls-certificates fails before binding.
+    let handshake = handshake_options(args)?;
     Ok(DriverOptions {
         listener: listen(args).await?,
         export_name: args.export_name.clone(),
@@ -527,6 +553,31 @@ async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptio
         dirty_bitmap: args.dirty_bitmap.clone(),
         run: args.run.clone(),
         resume_args: resume_args(args),
+        handshake,
+    })
+}
+
+/// TLS and the handshake deadline from the flags.
+fn handshake_options(args: &ServeArgs) -> Result<HandshakeOptions, CliError> {
+    let mode = match args.tls {
+        TlsArg::Off => TlsMode::Off,
+        TlsArg::On => TlsMode::On,
+        TlsArg::Require => TlsMode::Require,
+    };
+    let tls = match (&args.tls_certificates, mode) {
+        (_, TlsMode::Off) if args.tls_verify_peer => {
+            return Err("--tls-verify-peer needs --tls on or --tls require".into());
+        }
+        (_, TlsMode::Off) => None,
+        (None, _) => return Err("--tls on/require needs --tls-certificates DIR".into()),
+        (Some(dir), mode) => {
+            ServerTls::load(dir, mode, args.tls_verify_peer).map_err(|e| e.to_string())?
+        }
+    };
+    Ok(HandshakeOptions {
+        tls,
+        limit: (args.handshake_limit > 0)
+            .then_some(std::time::Duration::from_secs(args.handshake_limit)),
     })
 }
 
@@ -591,18 +642,22 @@ async fn serve_transfer(
 }
 
 async fn listen(args: &ServeArgs) -> Result<Listener, CliError> {
-    Ok(match (&args.listen, &args.socket) {
+    let listener = match (&args.listen, &args.socket) {
         (Some(addr), _) => Listener::tcp(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
-        (None, socket) => {
-            let path = socket.clone().unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("nbdbridge-{}.sock", std::process::id()))
-            });
-            Listener::unix(path.clone())
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?
-        }
-    })
+        (None, Some(path)) => Listener::unix(path.clone())
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?,
+        (None, None) => Listener::unix_private()
+            .map_err(|e| format!("cannot make a private socket in the temp dir: {e}"))?,
+    };
+    if listener.is_remote() && matches!(args.tls, TlsArg::Off) {
+        tracing::warn!(
+            "listening on a non-loopback address without TLS: anyone who can reach it can \
+             read and write the disk (use --tls require --tls-certificates DIR)"
+        );
+    }
+    Ok(listener)
 }
 
 async fn serve<B: Backend>(
@@ -611,6 +666,7 @@ async fn serve<B: Backend>(
     mut signals: shutdown::Signals,
     pid_file: &PidFile,
 ) -> Result<ExitCode, CliError> {
+    let handshake = handshake_options(args)?;
     let listener = listen(args).await?;
     let export = Export::new(
         args.export_name.clone(),
@@ -618,8 +674,13 @@ async fn serve<B: Backend>(
         Arc::clone(&backend),
     );
     let shutdown = Shutdown::new();
-    let server = Arc::new(Server::new(Exports::single(export), shutdown.clone()));
-    let env = RunEnv::of(&listener, &args.export_name);
+    let server =
+        Arc::new(Server::new(Exports::single(export), shutdown.clone()).with_handshake(handshake));
+    let env = RunEnv::of(
+        &listener,
+        &args.export_name,
+        server.handshake_options().tls_mode(),
+    );
     tracing::info!(uri = %env.uri, "serving");
     let serving = tokio::spawn(Arc::clone(&server).serve(listener));
     ready(pid_file, &env.uri)?;

@@ -30,7 +30,6 @@ pub fn client_bytes(input: &[u8]) -> Vec<u8> {
         let export = Export::new("fuzz", Some("fuzz export".into()), backend);
         let server = Server::new(Exports::single(export), Shutdown::new());
         let (client, server_end) = tokio::io::duplex(64 * 1024);
-        let (sr, sw) = tokio::io::split(server_end);
         let (mut cr, mut cw) = tokio::io::split(client);
         let input = input.to_vec();
         let feed = async move {
@@ -45,7 +44,7 @@ pub fn client_bytes(input: &[u8]) -> Vec<u8> {
             out
         };
         let serve = async move {
-            server.handle(1, "fuzz".into(), sr, sw).await;
+            server.handle(1, "fuzz".into(), server_end).await;
         };
         let all = async {
             let (_, out, _) = tokio::join!(feed, drain, serve);

@@ -7,6 +7,8 @@
 //! - [`handshake`]: greeting and the option loop.
 //! - [`transmission`]: requests, replies, the in-flight machinery.
 //! - [`listener`]: the accept loop.
+//! - [`stream`]: the sockets a connection runs over, and how they split.
+//! - [`tls`]: NBD TLS (STARTTLS) modes and credentials.
 
 pub mod consts;
 pub mod error;
@@ -16,16 +18,23 @@ pub mod handshake;
 pub mod listener;
 pub mod mode;
 pub mod stats;
+pub mod stream;
+pub mod tls;
 pub mod transmission;
 
 pub use export::{Export, Exports};
+pub use handshake::HandshakeOptions;
 pub use listener::Listener;
-pub use transmission::{End, TransmissionConfig, Watch};
+pub use stream::Stream;
+pub use tls::{ServerTls, TlsMode};
+pub use transmission::{Budget, End, TransmissionConfig, Watch};
 
 use crate::backend::Backend;
 use crate::shutdown::Shutdown;
+use error::ProtocolError;
+use handshake::{Negotiated, Outcome};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tracing::Instrument;
 
 /// Read buffer of a connection.
@@ -69,6 +78,8 @@ impl Observer for NoObserver {}
 pub struct Server<B> {
     exports: Exports<B>,
     config: TransmissionConfig,
+    budget: Budget,
+    handshake: HandshakeOptions,
     shutdown: Shutdown,
     observer: Arc<dyn Observer>,
 }
@@ -77,6 +88,7 @@ impl<B> std::fmt::Debug for Server<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("config", &self.config)
+            .field("handshake", &self.handshake)
             .finish()
     }
 }
@@ -84,18 +96,38 @@ impl<B> std::fmt::Debug for Server<B> {
 impl<B: Backend> Server<B> {
     /// A server for `exports` that stops when `shutdown` fires.
     pub fn new(exports: Exports<B>, shutdown: Shutdown) -> Self {
+        let config = TransmissionConfig::default();
         Server {
             exports,
-            config: TransmissionConfig::default(),
+            config,
+            budget: budget_for(&config),
+            handshake: HandshakeOptions::default(),
             shutdown,
             observer: Arc::new(NoObserver),
         }
     }
 
-    /// Set the in-flight limits.
+    /// Set the in-flight limits (a new, shared byte budget).
     pub fn with_config(mut self, config: TransmissionConfig) -> Self {
         self.config = config;
+        self.budget = budget_for(&config);
         self
+    }
+
+    /// Set TLS and the handshake deadline.
+    pub fn with_handshake(mut self, options: HandshakeOptions) -> Self {
+        self.handshake = options;
+        self
+    }
+
+    /// The handshake settings (TLS mode, deadline).
+    pub fn handshake_options(&self) -> &HandshakeOptions {
+        &self.handshake
+    }
+
+    /// The byte budget shared by all connections.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// Report connections to `observer`.
@@ -120,50 +152,44 @@ impl<B: Backend> Server<B> {
     }
 
     /// Serve one connection from handshake to close. Errors end only this
-    /// connection and are logged here.
-    pub async fn handle<R, W>(&self, conn: u64, peer: String, reader: R, writer: W)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    /// connection and are logged here. A connection that has not entered
+    /// transmission within the handshake limit is closed.
+    pub async fn handle<S: Stream>(&self, conn: u64, peer: String, stream: S) {
         let span = tracing::info_span!("conn", conn, peer = %peer);
         async move {
-            let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-            let mut writer = writer;
-            let negotiated =
-                match handshake::negotiate(&mut reader, &mut writer, &self.exports, &self.shutdown)
-                    .await
-                {
-                    Ok(Some(n)) => n,
-                    Ok(None) => {
-                        tracing::debug!("closed during handshake");
+            let shaken = match self.handshake.limit {
+                Some(limit) => match tokio::time::timeout(limit, self.handshake(stream)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!(?limit, "handshake not finished in time: closing");
                         return;
                     }
-                    Err(e) => {
-                        log_protocol_error(&e, "handshake");
-                        return;
-                    }
-                };
+                },
+                None => self.handshake(stream).await,
+            };
+            let (connected, negotiated) = match shaken {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    tracing::debug!("closed during handshake");
+                    return;
+                }
+                Err(e) => {
+                    log_protocol_error(&e, "handshake");
+                    return;
+                }
+            };
             tracing::debug!(
                 export = negotiated.export.name(),
                 mode = ?negotiated.mode,
                 flags = negotiated.flags,
+                tls = matches!(connected, Connected::Tls(_)),
                 "transmission"
             );
             self.observer.connected(conn);
-            let watch = Watch {
-                observer: Arc::clone(&self.observer),
-                conn,
+            let end = match connected {
+                Connected::Plain(s) => self.transmit(conn, s, negotiated).await,
+                Connected::Tls(s) => self.transmit(conn, *s, negotiated).await,
             };
-            let end = transmission::run(
-                reader,
-                writer,
-                negotiated,
-                self.config,
-                self.shutdown.clone(),
-                watch,
-            )
-            .await;
             match &end {
                 Ok(how) => tracing::debug!(?how, "closed"),
                 Err(e) => log_protocol_error(e, "transmission"),
@@ -173,6 +199,107 @@ impl<B: Backend> Server<B> {
         .instrument(span)
         .await;
     }
+
+    /// Greeting and options, upgrading to TLS on STARTTLS. `Ok(None)`: the
+    /// client left or was refused before transmission.
+    async fn handshake<S: Stream>(
+        &self,
+        mut stream: S,
+    ) -> Result<Option<(Connected<S>, Negotiated<B>)>, ProtocolError> {
+        let mode = self.handshake.tls_mode();
+        let Some(mut session) = handshake::greet(&mut stream, mode).await? else {
+            return Ok(None);
+        };
+        let outcome = handshake::negotiate(
+            &mut stream,
+            &self.exports,
+            &self.shutdown,
+            mode,
+            &mut session,
+        )
+        .await?;
+        match outcome {
+            Outcome::Closed => Ok(None),
+            Outcome::Transmission(n) => Ok(Some((Connected::Plain(stream), n))),
+            Outcome::StartTls => {
+                let Some(tls) = &self.handshake.tls else {
+                    return Err(ProtocolError::violation("STARTTLS without TLS"));
+                };
+                let mut stream = match tls.acceptor().accept(stream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!(error = %e, "TLS handshake failed: closing");
+                        return Ok(None);
+                    }
+                };
+                session.set_tls();
+                {
+                    let (_, state) = stream.get_ref();
+                    tracing::debug!(
+                        version = ?state.protocol_version(),
+                        client_certificate = state.peer_certificates().is_some(),
+                        "TLS is up"
+                    );
+                }
+                let outcome = handshake::negotiate(
+                    &mut stream,
+                    &self.exports,
+                    &self.shutdown,
+                    mode,
+                    &mut session,
+                )
+                .await?;
+                match outcome {
+                    Outcome::Transmission(n) => Ok(Some((Connected::Tls(Box::new(stream)), n))),
+                    Outcome::Closed => {
+                        // close_notify, so the client sees a clean end.
+                        let _ = stream.shutdown().await;
+                        Ok(None)
+                    }
+                    Outcome::StartTls => Err(ProtocolError::violation("STARTTLS over TLS")),
+                }
+            }
+        }
+    }
+
+    /// The transmission phase of connection `conn`, its requests reported
+    /// to the observer.
+    async fn transmit<S: Stream>(
+        &self,
+        conn: u64,
+        stream: S,
+        negotiated: Negotiated<B>,
+    ) -> Result<End, ProtocolError> {
+        let (reader, writer) = stream.into_halves();
+        let watch = Watch {
+            observer: Arc::clone(&self.observer),
+            conn,
+        };
+        transmission::run(
+            BufReader::with_capacity(READ_BUFFER, reader),
+            writer,
+            negotiated,
+            self.config,
+            self.budget.clone(),
+            self.shutdown.clone(),
+            watch,
+        )
+        .await
+    }
+}
+
+/// The stream a connection continues on after the handshake.
+enum Connected<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+/// The server's byte budget: `config.max_bytes`, never below the largest
+/// single request (a full payload or a full block status reply).
+fn budget_for(config: &TransmissionConfig) -> Budget {
+    let block_status = transmission::budget::block_status_bytes(true, 2, false);
+    let floor = u64::from(export::MAX_PAYLOAD).max(block_status);
+    Budget::new(config.max_bytes, floor)
 }
 
 fn log_protocol_error(e: &error::ProtocolError, phase: &str) {

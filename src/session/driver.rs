@@ -22,7 +22,7 @@ use crate::backend::imageio::{ImageioBackend, ImageioConfig, TlsOptions};
 use crate::backend::{Backend, ExtentContext};
 use crate::captive::{Captive, RunEnv};
 use crate::nbd::consts::*;
-use crate::nbd::{Answered, End, Export, Exports, Listener, Observer, Server};
+use crate::nbd::{Answered, End, Export, Exports, HandshakeOptions, Listener, Observer, Server};
 use crate::ovirt::{Direction, Format, Phase};
 use crate::phases::{self, Action, Coverage, Ending, Event, Final, Machine, Op, RangeSet};
 use crate::progress::{Progress, Sample};
@@ -63,6 +63,8 @@ pub struct DriverOptions {
     /// The command line that serves this transfer again, without its
     /// target: `--transfer ID` is added to it in the resume hint.
     pub resume_args: Vec<String>,
+    /// NBD TLS and the handshake deadline.
+    pub handshake: HandshakeOptions,
 }
 
 /// How a transfer `serve` ended.
@@ -259,9 +261,14 @@ async fn serve(
     });
     let server = Arc::new(
         Server::new(Exports::single(export), stop.clone())
-            .with_observer(Arc::clone(&judge) as Arc<dyn Observer>),
+            .with_observer(Arc::clone(&judge) as Arc<dyn Observer>)
+            .with_handshake(options.handshake.clone()),
     );
-    let env = RunEnv::of(&options.listener, &options.export_name);
+    let env = RunEnv::of(
+        &options.listener,
+        &options.export_name,
+        options.handshake.tls_mode(),
+    );
     let serving = tokio::spawn(Arc::clone(&server).serve(options.listener));
     announce(&env.uri).map_err(|e| Error::Config(format!("cannot print the URI: {e}")))?;
     tracing::info!(uri = %env.uri, ?direction, "serving the transfer");

@@ -1090,3 +1090,169 @@ fn sigterm_right_after_the_uri_exits_zero() {
         );
     }
 }
+
+// ------------------------------------------- EXPORT_NAME, limits and TLS
+
+#[test]
+fn export_name_not_utf8_ends_only_that_connection() {
+    // EXPORT_NAME has no error reply: a bad name must end the connection
+    // (an option error reply would be read as garbage by the client).
+    bad_connection_is_isolated("EXPORT_NAME with a non-UTF-8 name", |_, r| {
+        r.send(&3u32.to_be_bytes());
+        r.option(OPT_EXPORT_NAME, &[b'd', 0xff, 0xfe, b'k']);
+    });
+}
+
+#[test]
+fn export_name_over_4096_bytes_ends_only_that_connection() {
+    bad_connection_is_isolated("EXPORT_NAME of 5000 bytes", |_, r| {
+        r.send(&3u32.to_be_bytes());
+        r.option(OPT_EXPORT_NAME, &[b'a'; 5000]);
+    });
+}
+
+#[test]
+fn stalled_handshakes_are_closed_and_a_real_client_is_served() {
+    // 200 connections that never finish the handshake (more than the 128
+    // served at once) must not lock out a real client: each is closed after
+    // --handshake-limit.
+    if !ready() || !support::require("nbdinfo") {
+        return;
+    }
+    if !nbd::ours() {
+        // qemu-nbd has --handshake-limit too, but the harness passes ours.
+        eprintln!("skipping: our flags only");
+        return;
+    }
+    let img = image();
+    let opts = ServeOpts {
+        args: vec!["--handshake-limit".into(), "2".into()],
+        ..ServeOpts::default()
+    };
+    let server = nbd::serve_file(&img.path, &opts);
+    let mut stalled = Vec::new();
+    for i in 0..200 {
+        let mut c = server.connect();
+        match i % 3 {
+            0 => {}
+            // Client flags only.
+            1 => c.write_all(&3u32.to_be_bytes()).expect("send flags"),
+            // Flags and half an option header.
+            _ => {
+                c.write_all(&3u32.to_be_bytes()).expect("send flags");
+                c.write_all(&IHAVEOPT.to_be_bytes())
+                    .expect("send half an option");
+            }
+        }
+        stalled.push(c);
+    }
+    let start = std::time::Instant::now();
+    let out = support::output_within(
+        std::process::Command::new("nbdinfo").arg(&server.uri),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "nbdinfo behind 200 stalled handshakes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("nbdinfo served after {:?}", start.elapsed());
+    // The first stalled connection was closed by the server.
+    assert!(
+        nbd::closed_by_peer(&mut stalled[0], Duration::from_secs(10)),
+        "a stalled handshake was not closed"
+    );
+    drop(stalled);
+    server.stop();
+}
+
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+
+fn tls_require_server(certs: &support::tls::Certs, img: &nbd::Image) -> Server {
+    let opts = ServeOpts {
+        args: vec![
+            "--tls".into(),
+            "require".into(),
+            "--tls-certificates".into(),
+            certs.server.to_str().expect("utf-8").into(),
+        ],
+        ..ServeOpts::default()
+    };
+    nbd::serve_file(&img.path, &opts)
+}
+
+#[test]
+fn tls_require_at_byte_level() {
+    if !ready() || !support::require("openssl") {
+        return;
+    }
+    if !nbd::ours() {
+        eprintln!("skipping: our flags only");
+        return;
+    }
+    let certs = support::tls::Certs::make();
+    let img = image();
+    let server = tls_require_server(&certs, &img);
+
+    // Every option but STARTTLS and ABORT: ERR_TLS_REQD, and negotiation
+    // goes on.
+    let mut r = Raw::start(&server);
+    for (code, data) in [
+        (OPT_LIST, vec![]),
+        (OPT_GO, go_payload("disk", &[])),
+        (OPT_INFO, go_payload("disk", &[])),
+        (OPT_STRUCTURED_REPLY, vec![]),
+        (
+            OPT_SET_META_CONTEXT,
+            meta_payload("disk", &["base:allocation"]),
+        ),
+        (999, vec![1, 2, 3]),
+    ] {
+        r.option(code, &data);
+        let (typ, msg) = r.reply(code);
+        assert_eq!(
+            typ,
+            REP_ERR_TLS_REQD,
+            "option {code} before TLS: {}",
+            String::from_utf8_lossy(&msg)
+        );
+    }
+    // STARTTLS with data is malformed.
+    r.option(OPT_STARTTLS, &[0]);
+    assert_eq!(r.reply(OPT_STARTTLS).0, REP_ERR_INVALID);
+    r.option(OPT_ABORT, &[]);
+    assert_eq!(r.reply(OPT_ABORT).0, REP_ACK);
+    assert!(r.closed(), "ABORT must end the connection");
+
+    // EXPORT_NAME before TLS cannot be refused: the server hangs up.
+    let mut r = Raw::start(&server);
+    r.option(OPT_EXPORT_NAME, b"disk");
+    assert!(r.closed(), "EXPORT_NAME before TLS must end the connection");
+
+    // A client without fixed newstyle cannot start TLS: hung up on.
+    let mut r = Raw::new(&server);
+    r.greeting();
+    r.send(&0u32.to_be_bytes());
+    assert!(
+        r.closed(),
+        "a client without fixed newstyle must be refused"
+    );
+
+    // Plaintext sent right behind STARTTLS is never taken as an option
+    // (it would be injected before TLS): the ACK, then the TLS handshake
+    // fails on those bytes and the server hangs up.
+    let mut r = Raw::start(&server);
+    let mut b = Vec::new();
+    for (code, data) in [(OPT_STARTTLS, vec![]), (OPT_LIST, vec![])] {
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&u32::to_be_bytes(code));
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    }
+    r.send(&b);
+    assert_eq!(r.reply(OPT_STARTTLS).0, REP_ACK);
+    assert!(
+        r.closed(),
+        "plaintext after STARTTLS must end the connection"
+    );
+    server.stop();
+}

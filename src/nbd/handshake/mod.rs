@@ -3,25 +3,59 @@
 
 pub mod meta;
 pub mod option;
+pub mod policy;
 pub mod reply;
 
 use self::meta::{MetaSelection, context_id, match_list, match_set};
 use self::option::{InfoRequest, MetaRequest, OptionRequest, parse_option};
+use self::policy::{TlsGate, tls_gate};
 use self::reply::*;
 use super::consts::*;
 use super::error::ProtocolError;
 use super::export::{Export, Exports};
 use super::mode::ReplyMode;
+use super::tls::{ServerTls, TlsMode};
 use crate::backend::Backend;
 use crate::shutdown::Shutdown;
 use bytes::BytesMut;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest option payload accepted; a longer one ends the connection.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
-/// Most options one connection may send before transmission.
+/// Most options one connection may send before transmission (STARTTLS
+/// included: the count goes on over TLS).
 pub const MAX_OPTIONS: usize = 128;
+/// How long a client may take from connecting to entering transmission
+/// (qemu-nbd's `--handshake-limit` default).
+pub const DEFAULT_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Settings of the handshake phase, the same for every connection.
+#[derive(Debug, Clone)]
+pub struct HandshakeOptions {
+    /// TLS mode and credentials; `None`: no TLS (STARTTLS gets ERR_UNSUP).
+    pub tls: Option<ServerTls>,
+    /// A connection that has not entered transmission by then is closed;
+    /// `None`: no limit.
+    pub limit: Option<Duration>,
+}
+
+impl Default for HandshakeOptions {
+    fn default() -> Self {
+        HandshakeOptions {
+            tls: None,
+            limit: Some(DEFAULT_HANDSHAKE_LIMIT),
+        }
+    }
+}
+
+impl HandshakeOptions {
+    /// Off, On or Require.
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls.as_ref().map_or(TlsMode::Off, ServerTls::mode)
+    }
+}
 
 /// What the handshake agreed on.
 #[derive(Debug)]
@@ -36,30 +70,56 @@ pub struct Negotiated<B> {
     pub flags: u16,
 }
 
-/// Run the handshake. `Ok(None)`: the client aborted or left cleanly before
-/// transmission.
+/// What survives STARTTLS: the client's flags, the option budget, whether
+/// TLS is up. Everything else is negotiated again over TLS.
+#[derive(Debug, Clone)]
+pub struct Session {
+    no_zeroes: bool,
+    options: usize,
+    tls: bool,
+}
+
+impl Session {
+    /// Whether TLS is up.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Mark TLS as up (after a successful TLS handshake).
+    pub fn set_tls(&mut self) {
+        self.tls = true;
+    }
+}
+
+/// How an option loop ended.
+#[derive(Debug)]
+pub enum Outcome<B> {
+    /// GO or EXPORT_NAME: enter transmission.
+    Transmission(Negotiated<B>),
+    /// The client aborted or left, or was refused.
+    Closed,
+    /// STARTTLS was acknowledged: run the TLS handshake on the stream, then
+    /// [`negotiate`] again over TLS.
+    StartTls,
+}
+
+/// Send the greeting and read the client flags. `Ok(None)`: the client
+/// left, or cannot do what `tls` requires (fixed newstyle).
 ///
 /// # Errors
-/// The client broke the protocol, sent too much, or the socket failed.
-pub async fn negotiate<R, W, B>(
-    reader: &mut R,
-    writer: &mut W,
-    exports: &Exports<B>,
-    shutdown: &Shutdown,
-) -> Result<Option<Negotiated<B>>, ProtocolError>
+/// Unknown client flags, or the socket failed.
+pub async fn greet<S>(stream: &mut S, tls: TlsMode) -> Result<Option<Session>, ProtocolError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    B: Backend,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut greeting = [0u8; 18];
     greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     greeting[16..18].copy_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
-    writer.write_all(&greeting).await?;
-    writer.flush().await?;
+    stream.write_all(&greeting).await?;
+    stream.flush().await?;
 
-    let client_flags = match reader.read_u32().await {
+    let client_flags = match stream.read_u32().await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -69,19 +129,49 @@ where
             "unknown client flags {client_flags:#x}"
         )));
     }
+    if tls == TlsMode::Require && client_flags & NBD_FLAG_C_FIXED_NEWSTYLE == 0 {
+        // TLS needs fixed newstyle; without it the client cannot comply.
+        tracing::info!("client without fixed newstyle cannot start TLS: closing");
+        return Ok(None);
+    }
+    Ok(Some(Session {
+        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        options: 0,
+        tls: false,
+    }))
+}
+
+/// Run the option loop over `stream` (the plain socket, or TLS after
+/// STARTTLS). Reads exactly what the options hold, never ahead, so nothing
+/// sent in plaintext after STARTTLS can be taken for TLS-protected data.
+///
+/// # Errors
+/// The client broke the protocol, sent too much, or the socket failed.
+pub async fn negotiate<S, B>(
+    stream: &mut S,
+    exports: &Exports<B>,
+    shutdown: &Shutdown,
+    tls: TlsMode,
+    session: &mut Session,
+) -> Result<Outcome<B>, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    B: Backend,
+{
     let mut state = State {
         exports,
         mode: ReplyMode::Simple,
         meta: MetaSelection::default(),
-        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        no_zeroes: session.no_zeroes,
         out: BytesMut::with_capacity(512),
     };
 
-    for _ in 0..MAX_OPTIONS {
+    while session.options < MAX_OPTIONS {
+        session.options += 1;
         let mut head = [0u8; 16];
-        match reader.read_exact(&mut head).await {
+        match stream.read_exact(&mut head).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
             Err(e) => return Err(e.into()),
         }
         let (magic, code, len) = parse_option_header(&head);
@@ -97,7 +187,7 @@ where
             )));
         }
         let mut data = vec![0u8; len as usize];
-        reader.read_exact(&mut data).await?;
+        stream.read_exact(&mut data).await?;
         let request = parse_option(code, &data);
         tracing::debug!(option = option_name(code), len, "option");
 
@@ -110,22 +200,41 @@ where
             );
             Step::Continue
         } else {
-            state.handle(code, request)
+            match tls_gate(tls, session.tls, &request) {
+                TlsGate::Handle => state.handle(code, request),
+                TlsGate::StartTls => {
+                    encode_ack(&mut state.out, code);
+                    Step::StartTls
+                }
+                TlsGate::Refuse(error, message) => {
+                    tracing::debug!(option = option_name(code), reason = message, "refused");
+                    encode_error(&mut state.out, code, error, message);
+                    Step::Continue
+                }
+                TlsGate::Close => {
+                    tracing::info!(
+                        option = option_name(code),
+                        "option before the TLS this server requires: closing"
+                    );
+                    Step::Close
+                }
+            }
         };
         if !state.out.is_empty() {
-            writer.write_all(&state.out).await?;
-            writer.flush().await?;
+            stream.write_all(&state.out).await?;
+            stream.flush().await?;
             state.out.clear();
         }
         match step {
             Step::Continue => {}
-            Step::Close => return Ok(None),
+            Step::Close => return Ok(Outcome::Closed),
+            Step::StartTls => return Ok(Outcome::StartTls),
             Step::Transmission(export) => {
                 let flags = export.transmission_flags(state.mode);
                 if state.meta.export != export.name() {
                     state.meta = MetaSelection::default();
                 }
-                return Ok(Some(Negotiated {
+                return Ok(Outcome::Transmission(Negotiated {
                     export,
                     mode: state.mode,
                     meta: state.meta,
@@ -156,6 +265,7 @@ fn parse_option_header(head: &[u8; 16]) -> (u64, u32, u32) {
 enum Step<B> {
     Continue,
     Close,
+    StartTls,
     Transmission(Arc<Export<B>>),
 }
 
@@ -248,6 +358,15 @@ impl<B: Backend> State<'_, B> {
                 self.meta = MetaSelection::default();
                 self.meta_context(code, &req, true);
                 Step::Continue
+            }
+            OptionRequest::Malformed {
+                code: NBD_OPT_EXPORT_NAME,
+                reason,
+            } => {
+                // EXPORT_NAME has no error reply: a bad name ends the
+                // connection.
+                tracing::info!(%reason, "bad NBD_OPT_EXPORT_NAME: closing");
+                Step::Close
             }
             OptionRequest::Malformed { reason, .. } => {
                 tracing::debug!(option = option_name(code), %reason, "malformed option");

@@ -3,17 +3,22 @@
 //! The reading side parses headers and payloads in order, validates each
 //! request and spawns it; the requests run concurrently against the backend
 //! and hand their encoded replies to a single writer task, so replies go out
-//! as each completes. Semaphores bound the requests and the bytes in flight.
+//! as each completes. A semaphore bounds the requests in flight on each
+//! connection, and one [`Budget`] the bytes in flight of all connections.
 
+pub mod budget;
 mod execute;
 pub mod extents;
 pub mod reply;
 pub mod request;
 
+pub use self::budget::Budget;
+use self::budget::{Share, block_status_bytes};
 use self::request::{Command, Limits, header_len, parse_request, validate_request};
 use super::consts::*;
 use super::error::ProtocolError;
 use super::handshake::Negotiated;
+use super::mode::ReplyMode;
 use super::{Answered, Observer};
 use crate::backend::Backend;
 use crate::bufpool::PoolBuf;
@@ -26,12 +31,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::Instrument;
 
-/// Limits of one connection's transmission phase.
+/// Limits of the transmission phase.
 #[derive(Debug, Clone, Copy)]
 pub struct TransmissionConfig {
-    /// Requests in flight at once.
+    /// Requests in flight at once on one connection.
     pub max_requests: u32,
-    /// Payload bytes (read replies and write payloads) in flight at once.
+    /// Bytes (read replies, write payloads, block status replies) in
+    /// flight at once on all connections together; raised to the largest
+    /// single request so that each always fits.
     pub max_bytes: u64,
 }
 
@@ -39,13 +46,10 @@ impl Default for TransmissionConfig {
     fn default() -> Self {
         TransmissionConfig {
             max_requests: 256,
-            max_bytes: 128 * 1024 * 1024,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
-
-/// Bytes per byte-budget permit.
-const PERMIT_BYTES: u64 = 4096;
 
 /// How a connection's transmission phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +65,7 @@ pub enum End {
 /// A reply ready for the wire, holding its share of the budget until written.
 struct Outgoing {
     parts: Vec<Bytes>,
-    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    _permits: (OwnedSemaphorePermit, Option<Share>),
 }
 
 /// Who is told of every answered request: the observer, and this
@@ -80,9 +84,10 @@ impl std::fmt::Debug for Watch {
     }
 }
 
-/// Run the transmission phase until DISC, EOF or shutdown. In-flight
-/// requests are always finished and their replies written before it
-/// returns, and `watch` is told of each one before its reply is sent.
+/// Run the transmission phase until DISC, EOF or shutdown, charging the
+/// bytes in flight to the server's `budget`. In-flight requests are always
+/// finished and their replies written before it returns, and `watch` is
+/// told of each one before its reply is sent.
 ///
 /// # Errors
 /// The client broke the protocol (bad magic, oversized payload) or the
@@ -92,6 +97,7 @@ pub async fn run<R, W, B>(
     writer: W,
     negotiated: Negotiated<B>,
     config: TransmissionConfig,
+    budget: Budget,
     shutdown: Shutdown,
     watch: Watch,
 ) -> Result<End, ProtocolError>
@@ -113,12 +119,9 @@ where
         max_payload: export.max_payload(),
         has_meta: !meta.is_empty(),
     };
+    let contexts = usize::from(meta.allocation.is_some()) + usize::from(meta.dirty.is_some());
     let meta = Arc::new(meta);
     let requests = Arc::new(Semaphore::new(config.max_requests as usize));
-    let byte_permits = u32::try_from(config.max_bytes / PERMIT_BYTES)
-        .unwrap_or(u32::MAX)
-        .max(1 + limits.max_payload / PERMIT_BYTES as u32);
-    let bytes = Arc::new(Semaphore::new(byte_permits as usize));
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
 
@@ -152,18 +155,30 @@ where
             )));
         }
         let validated = validate_request(&header, &limits);
-        let budget = match validated {
-            Ok(Command::Read { len, .. }) => u64::from(len),
-            _ => payload_len,
+        // A rejected request's payload is discarded through a small
+        // buffer, and its reply is a few bytes: it is not charged.
+        let charge = match &validated {
+            Ok(Command::Read { len, .. }) => u64::from(*len),
+            Ok(Command::BlockStatus { req_one, .. }) => {
+                block_status_bytes(mode == ReplyMode::Extended, contexts, *req_one)
+            }
+            Ok(_) => payload_len,
+            Err(_) => 0,
         };
         let Ok(count_permit) = Arc::clone(&requests).acquire_owned().await else {
             break Ok(End::Shutdown);
         };
-        let byte_permit = if budget > 0 {
-            let n = budget.div_ceil(PERMIT_BYTES) as u32;
-            match Arc::clone(&bytes).acquire_many_owned(n).await {
-                Ok(p) => Some(p),
-                Err(_) => break Ok(End::Shutdown),
+        let byte_permit = if charge > 0 {
+            // Other connections may hold the budget: wait, but not past a
+            // shutdown.
+            let share = tokio::select! {
+                biased;
+                _ = shutdown.wait() => None,
+                s = budget.charge(charge) => s,
+            };
+            match share {
+                Some(share) => Some(share),
+                None => break Ok(End::Shutdown),
             }
         } else {
             None

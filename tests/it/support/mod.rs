@@ -233,6 +233,7 @@ pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod proxy;
+pub mod tls;
 
 /// The engine REST API as the serve tests drive it: log in, call, create
 /// disks and transfers, read phases.

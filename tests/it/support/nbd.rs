@@ -58,6 +58,8 @@ pub struct ServeOpts {
     pub description: Option<String>,
     /// Listen on 127.0.0.1 with a free port instead of a unix socket.
     pub tcp: bool,
+    /// More `serve` flags (ours only, e.g. `--tls require`).
+    pub args: Vec<String>,
 }
 
 impl Default for ServeOpts {
@@ -67,6 +69,7 @@ impl Default for ServeOpts {
             export_name: "disk".to_string(),
             description: None,
             tcp: false,
+            args: Vec::new(),
         }
     }
 }
@@ -185,18 +188,34 @@ impl Server {
     }
 }
 
-/// Parse the contract URI into the endpoint and export name.
+/// Parse the contract URI (`nbd`, `nbds`, `nbd+unix`, `nbds+unix`) into the
+/// endpoint and export name, percent-decoding both (the `url` crate parses).
 pub fn parse_uri(uri: &str) -> (Endpoint, String) {
-    if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
-        let (name, query) = rest
-            .split_once("?socket=")
-            .unwrap_or_else(|| panic!("unix URI without ?socket=: {uri:?}"));
-        (Endpoint::Unix(PathBuf::from(query)), name.to_string())
-    } else if let Some(rest) = uri.strip_prefix("nbd://") {
-        let (addr, name) = rest.split_once('/').unwrap_or((rest, ""));
-        (Endpoint::Tcp(addr.to_string()), name.to_string())
-    } else {
-        panic!("not an NBD URI: {uri:?}")
+    use std::os::unix::ffi::OsStringExt;
+    let url = url::Url::parse(uri).unwrap_or_else(|e| panic!("not a URI: {uri:?}: {e}"));
+    let decode = |s: &str| -> Vec<u8> { percent_encoding::percent_decode_str(s).collect() };
+    let name = String::from_utf8(decode(url.path().trim_start_matches('/')))
+        .unwrap_or_else(|_| panic!("export name is not UTF-8: {uri:?}"));
+    match url.scheme() {
+        "nbd+unix" | "nbds+unix" => {
+            let query = url.query().unwrap_or("");
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .unwrap_or_else(|| panic!("unix URI without ?socket=: {uri:?}"));
+            let path = std::ffi::OsString::from_vec(decode(socket));
+            (Endpoint::Unix(PathBuf::from(path)), name)
+        }
+        "nbd" | "nbds" => {
+            let host = match url.host() {
+                Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+                Some(h) => h.to_string(),
+                None => panic!("TCP URI without a host: {uri:?}"),
+            };
+            let port = url.port().unwrap_or(10809);
+            (Endpoint::Tcp(format!("{host}:{port}")), name)
+        }
+        _ => panic!("not an NBD URI: {uri:?}"),
     }
 }
 
@@ -215,6 +234,7 @@ pub fn serve_file(path: &Path, opts: &ServeOpts) -> Server {
             if let Some(d) = &opts.description {
                 cmd.arg("--description").arg(d);
             }
+            cmd.args(&opts.args);
             if opts.tcp {
                 cmd.arg("--listen").arg("127.0.0.1:0");
             } else {
