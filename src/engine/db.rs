@@ -233,7 +233,7 @@ impl Db {
         // and -shm files the database file's mode; ones left by an older
         // version are narrowed.
         super::private::touch(path)?;
-        for side in ["-wal", "-shm"] {
+        for side in ["", "-wal", "-shm"] {
             let mut name = path.as_os_str().to_owned();
             name.push(side);
             super::private::narrow_file(Path::new(&name))?;
