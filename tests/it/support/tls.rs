@@ -103,12 +103,15 @@ fn make_leaf(ca: &Path, out: &Path, prefix: &str, cn: &str, ext: &str) {
     let _ = std::fs::remove_file(ext_file);
 }
 
+// keyEncipherment as well: qemu's tls-creds-x509 refuses a certificate
+// whose key usage does not permit it ("usage does not permit key
+// encipherment"), as `certtool` templates for qemu set it.
 const SERVER_EXT: &str = "basicConstraints=CA:FALSE\n\
-    keyUsage=critical,digitalSignature\n\
+    keyUsage=critical,digitalSignature,keyEncipherment\n\
     extendedKeyUsage=serverAuth\n\
     subjectAltName=IP:127.0.0.1,DNS:localhost\n";
 const CLIENT_EXT: &str = "basicConstraints=CA:FALSE\n\
-    keyUsage=critical,digitalSignature\n\
+    keyUsage=critical,digitalSignature,keyEncipherment\n\
     extendedKeyUsage=clientAuth\n";
 
 impl Certs {
