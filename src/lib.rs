@@ -16,6 +16,8 @@
 //!   paused, resumed or left) as a pure state machine, with the download
 //!   coverage it reads.
 //! - [`session`]: the image transfer session (engine REST client, phases).
+//! - [`net`]: the one accept loop every listener uses (connection cap,
+//!   backoff, TCP keepalive, orderly stop).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging;
 //!   [`progress`]: the progress line on a terminal.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod imageio;
 pub mod nbd;
 pub mod nbd_client;
+pub mod net;
 pub mod ovirt;
 pub mod phases;
 pub mod progress;

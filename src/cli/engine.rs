@@ -37,6 +37,16 @@ pub struct EngineArgs {
     /// Default client inactivity timeout in seconds (0 disables).
     #[arg(long, default_value_t = 60)]
     inactivity_timeout: u64,
+    /// Most API connections served at once; more wait in the listen
+    /// backlog.
+    #[arg(long, value_name = "N", default_value_t = nbdbridge::engine::MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
+    /// Seconds a client may take to send a request head (and to send the
+    /// next one on a kept-alive connection); slower connections are closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = nbdbridge::engine::HEADER_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout: u64,
 }
 
 /// Run the engine until SIGINT / SIGTERM.
@@ -64,6 +74,8 @@ pub async fn run(args: EngineArgs) -> Result<ExitCode, CliError> {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,
         },
+        max_connections: args.max_connections as usize,
+        header_timeout: std::time::Duration::from_secs(args.header_timeout),
     };
     let stop = Shutdown::new();
     let engine = Engine::start(config, stop.clone()).await?;

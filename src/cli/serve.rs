@@ -106,6 +106,17 @@ pub struct ServeArgs {
     /// this many seconds (0: no limit).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     handshake_limit: u64,
+    /// Most NBD clients served at once (qemu-nbd's `-e/--shared`; 0: no
+    /// limit, i.e. 65536); more wait in the listen backlog until one leaves.
+    #[arg(
+        short = 'e',
+        long,
+        visible_alias = "shared",
+        value_name = "N",
+        default_value_t = nbdbridge::nbd::listener::MAX_CONNECTIONS,
+        value_parser = parse_max_connections
+    )]
+    max_connections: usize,
     /// Export name.
     #[arg(long, default_value = "")]
     export_name: String,
@@ -178,6 +189,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Highest connection cap; `0` (qemu-nbd's "no limit") means this.
+const MAX_CONNECTIONS_CAP: usize = 65536;
+
+/// A connection cap: 1 to 65536, or 0 for qemu-nbd's "no limit" (65536).
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Ok(MAX_CONNECTIONS_CAP),
+        Ok(n) if n <= MAX_CONNECTIONS_CAP => Ok(n),
+        _ => Err(format!(
+            "'{s}': expected a number of clients from 1 to {MAX_CONNECTIONS_CAP} (0: no limit)"
+        )),
+    }
 }
 
 /// A bitmap name (`qemu:dirty-bitmap:` in front is accepted and dropped).
@@ -373,6 +398,8 @@ async fn serve_embedded(
             hosts: vec![embedded::host_spec(&data_server)],
             timing: engine::Timing::default(),
             tls: None,
+            max_connections: engine::MAX_CONNECTIONS,
+            header_timeout: engine::HEADER_TIMEOUT,
         },
         stop.clone(),
     )
@@ -554,6 +581,7 @@ async fn driver_options(args: &ServeArgs, tls: TlsOptions) -> Result<DriverOptio
         run: args.run.clone(),
         resume_args: resume_args(args),
         handshake,
+        max_connections: args.max_connections,
     })
 }
 
@@ -674,8 +702,11 @@ async fn serve<B: Backend>(
         Arc::clone(&backend),
     );
     let shutdown = Shutdown::new();
-    let server =
-        Arc::new(Server::new(Exports::single(export), shutdown.clone()).with_handshake(handshake));
+    let server = Arc::new(
+        Server::new(Exports::single(export), shutdown.clone())
+            .with_handshake(handshake)
+            .with_max_connections(args.max_connections),
+    );
     let env = RunEnv::of(
         &listener,
         &args.export_name,
@@ -723,7 +754,16 @@ async fn serve<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_bitmap, parse_size};
+    use super::{parse_bitmap, parse_max_connections, parse_size};
+
+    #[test]
+    fn connection_caps() {
+        assert_eq!(parse_max_connections("1"), Ok(1));
+        assert_eq!(parse_max_connections("128"), Ok(128));
+        assert_eq!(parse_max_connections("0"), Ok(65536));
+        assert!(parse_max_connections("65537").is_err());
+        assert!(parse_max_connections("x").is_err());
+    }
 
     #[test]
     fn bitmap_names() {

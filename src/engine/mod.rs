@@ -36,6 +36,7 @@ mod xml;
 pub use error::Error;
 pub use model::Host;
 
+use crate::net::accept::AcceptOptions;
 use crate::shutdown::Shutdown;
 use db::Db;
 use disk::Images;
@@ -48,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 /// The one user.
@@ -147,6 +148,12 @@ pub struct EngineConfig {
     pub timing: Timing,
     /// Serve https with this certificate chain and key (PEM files).
     pub tls: Option<TlsFiles>,
+    /// Most API connections served at once; more wait in the listen
+    /// backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head (also how long
+    /// an idle keep-alive connection is kept).
+    pub header_timeout: Duration,
 }
 
 /// PEM files for https.
@@ -242,6 +249,8 @@ pub struct Engine {
     url: String,
     password_path: PathBuf,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
+    header_timeout: Duration,
     /// Held while the engine runs: one engine per data dir.
     _lock: std::fs::File,
 }
@@ -256,8 +265,19 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Most connections served at once.
-const MAX_CONNECTIONS: usize = 256;
+/// Default most API connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Default time a client gets to send a request head, and to send the
+/// next one on a keep-alive connection (hyper's `header_read_timeout`;
+/// the SDK reopens a connection the engine closed).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request head (431 past it); the SDK sends under 2 KiB.
+const MAX_HEAD_SIZE: usize = 64 * 1024;
+/// hyper's read buffer: bounds a head still arriving; API bodies are small
+/// XML and JSON, read in frames of this size at most.
+const MAX_BUF_SIZE: usize = 128 * 1024;
+/// How long API connections get to finish at shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Take `DATA_DIR/engine.lock` (flock): a second engine on the same data
 /// dir would drive the same transfers twice.
@@ -371,6 +391,8 @@ impl Engine {
             url,
             password_path,
             tls,
+            max_connections: config.max_connections.max(1),
+            header_timeout: config.header_timeout,
             _lock: lock,
         })
     }
@@ -390,74 +412,72 @@ impl Engine {
         &self.state.hosts
     }
 
-    /// Serve until the shutdown signal.
+    /// Serve until the shutdown signal, then give open connections a
+    /// short grace to finish.
     pub async fn serve(self) {
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut conn_id: u64 = 0;
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = self.state.shutdown.wait() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => {
-                    backoff = Duration::from_millis(10);
-                    a
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                break;
-            };
-            conn_id += 1;
-            let state = self.state.clone();
-            let tls = self.tls.clone();
-            let span = tracing::debug_span!("conn", conn = conn_id, %peer);
-            tokio::spawn(
-                async move {
-                    let _permit = permit;
-                    match tls {
-                        None => serve_connection(state, stream).await,
-                        Some(acceptor) => {
-                            let accepted = tokio::time::timeout(
-                                TLS_HANDSHAKE_TIMEOUT,
-                                acceptor.accept(stream),
-                            )
-                            .await;
-                            match accepted {
-                                Ok(Ok(stream)) => serve_connection(state, stream).await,
-                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!("TLS handshake timed out"),
-                            }
+        let options = AcceptOptions {
+            name: "engine",
+            max_connections: self.max_connections,
+            stop_grace: STOP_GRACE * 2,
+        };
+        let shutdown = self.state.shutdown.clone();
+        let state = self.state.clone();
+        let tls = self.tls.clone();
+        let header_timeout = self.header_timeout;
+        crate::net::accept::serve(self.listener, options, shutdown, move |stream, info| {
+            let state = state.clone();
+            let tls = tls.clone();
+            let span = tracing::debug_span!("conn", conn = info.id, peer = %info.peer);
+            async move {
+                match tls {
+                    None => serve_connection(state, stream, header_timeout).await,
+                    Some(acceptor) => {
+                        let accepted =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                                .await;
+                        match accepted {
+                            Ok(Ok(stream)) => serve_connection(state, stream, header_timeout).await,
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
                     }
                 }
-                .instrument(span),
-            );
-        }
+            }
+            .instrument(span)
+        })
+        .await;
     }
 }
 
-/// Serve HTTP/1.1 on one connection until the peer closes it.
-async fn serve_connection<I>(state: Arc<State>, io: I)
+/// Serve HTTP/1.1 on one connection until the peer closes it, the header
+/// deadline passes, or the engine stops.
+async fn serve_connection<I>(state: Arc<State>, io: I, header_timeout: Duration)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let shutdown = state.shutdown.clone();
     let service = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(60))
+        .header_read_timeout(header_timeout)
+        .max_header_size(MAX_HEAD_SIZE)
+        .max_buf_size(MAX_BUF_SIZE)
         .serve_connection(TokioIo::new(io), service);
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.wait() => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(STOP_GRACE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended");
     }
 }
@@ -595,6 +615,8 @@ mod tests {
             }],
             timing,
             tls: None,
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
         };
         let engine = Engine::start(config, Shutdown::new()).await.unwrap();
         (engine.state.clone(), seen, dir)

@@ -72,6 +72,7 @@ pub use body::Body;
 pub use error::ApiError;
 pub use ticket::{Access, BackendUrl, Ticket, TicketSpec, TicketStore};
 
+use crate::net::accept::{AcceptOptions, Acceptor};
 use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -91,6 +92,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// How long an idle connection is kept before it used a ticket (then the
 /// ticket's `inactivity_timeout` applies).
@@ -101,8 +103,21 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const READ_POOL_IDLE: usize = 8;
 /// Idle write memory kept between requests, in full write chunks.
 const WRITE_POOL_IDLE: usize = 4;
-/// Largest hyper read buffer: large body frames, fewer wake-ups.
+/// Largest hyper read buffer: large body frames, fewer wake-ups. A
+/// request head cannot fill it: [`idle::MAX_HEAD_READ`] bounds a head.
 const MAX_BUF_SIZE: usize = 4 * 1024 * 1024;
+/// Largest request head hyper accepts (431 past it). ovirt-imageio takes a
+/// 4 KiB request line and Python's http.server 64 KiB per header line;
+/// imageio clients send heads well under 1 KiB.
+pub(crate) const MAX_HEAD_SIZE: usize = 64 * 1024;
+/// Default time a client gets to send a whole request head once it began.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default most connections on each data listener (remote, local).
+/// ovirt-imageio sets no cap (a thread per connection); its clients open
+/// up to 8 connections per transfer.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections on the control socket (the engine, one at a time).
+const MAX_CONTROL_CONNECTIONS: usize = 64;
 
 /// Settings of a [`DataServer`].
 #[derive(Debug, Clone)]
@@ -121,6 +136,11 @@ pub struct Config {
     pub max_readers: u32,
     /// `max_writers` advertised by OPTIONS (positional I/O: many are safe).
     pub max_writers: u32,
+    /// Most connections served at once on each data listener; more wait
+    /// in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head once it began.
+    pub header_timeout: Duration,
 }
 
 impl Config {
@@ -135,6 +155,8 @@ impl Config {
             remove_timeout: Duration::from_secs(60),
             max_readers: 8,
             max_writers: 8,
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
         }
     }
 }
@@ -146,6 +168,7 @@ pub(crate) struct Shared {
     local_socket: Option<String>,
     max_readers: u32,
     max_writers: u32,
+    header_timeout: Duration,
     next_conn: AtomicU64,
     /// GET chunk buffers.
     read_pool: Arc<buffers::BufferPool>,
@@ -357,24 +380,34 @@ impl DataServer {
                 .map(|p| p.to_string_lossy().into_owned()),
             max_readers: config.max_readers,
             max_writers: config.max_writers,
+            header_timeout: config.header_timeout,
             next_conn: AtomicU64::new(0),
             read_pool: buffers::BufferPool::new(handlers::READ_CHUNK, READ_POOL_IDLE),
             write_pool: buffers::BufferPool::new(handlers::WRITE_CHUNK, WRITE_POOL_IDLE),
         });
         let shutdown = Shutdown::new();
+        let data_cap = config.max_connections.max(1);
         let mut tasks = vec![
-            tokio::spawn(accept_tcp(tcp, shared.clone(), shutdown.clone())),
-            tokio::spawn(accept_unix(
+            tokio::spawn(accept(
+                tcp,
+                Service::Remote,
+                data_cap,
+                shared.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(accept(
                 control,
                 Service::Control,
+                MAX_CONTROL_CONNECTIONS,
                 shared.clone(),
                 shutdown.clone(),
             )),
         ];
         if let Some(local) = local {
-            tasks.push(tokio::spawn(accept_unix(
+            tasks.push(tokio::spawn(accept(
                 local,
                 Service::Local,
+                data_cap,
                 shared.clone(),
                 shutdown.clone(),
             )));
@@ -452,57 +485,42 @@ fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, shutdown: Shutdown) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            res = listener.accept() => match res {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    conns.spawn(serve(stream, Service::Remote, shared.clone(), shutdown.clone()));
-                }
-                Err(e) => backoff(e).await,
-            },
-            _ = shutdown.wait() => break,
-        }
-        while conns.try_join_next().is_some() {}
-    }
-    while conns.join_next().await.is_some() {}
-}
-
-async fn accept_unix(
-    listener: UnixListener,
+/// Serve one listener until the shutdown: a connection cap (more wait in
+/// the backlog), TCP keepalive, backoff on accept errors
+/// ([`crate::net::accept`]).
+async fn accept<A>(
+    listener: A,
     service: Service,
+    max_connections: usize,
     shared: Arc<Shared>,
     shutdown: Shutdown,
-) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            res = listener.accept() => match res {
-                Ok((stream, _)) => {
-                    conns.spawn(serve(stream, service, shared.clone(), shutdown.clone()));
-                }
-                Err(e) => backoff(e).await,
-            },
-            _ = shutdown.wait() => break,
-        }
-        while conns.try_join_next().is_some() {}
-    }
-    while conns.join_next().await.is_some() {}
-}
-
-/// Accept failed (e.g. out of descriptors): log, wait a little, go on.
-async fn backoff(e: io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+) where
+    A: Acceptor,
+    A::Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let options = AcceptOptions {
+        name: match service {
+            Service::Remote => "imageio remote",
+            Service::Local => "imageio local",
+            Service::Control => "imageio control",
+        },
+        max_connections,
+        // Each connection winds down within SHUTDOWN_GRACE by itself.
+        stop_grace: SHUTDOWN_GRACE * 2,
+    };
+    let stop = shutdown.clone();
+    crate::net::accept::serve(listener, options, shutdown, move |stream, info| {
+        let span = tracing::debug_span!("conn", service = ?service, peer = %info.peer);
+        serve(stream, service, shared.clone(), stop.clone()).instrument(span)
+    })
+    .await;
 }
 
 async fn serve<S>(stream: S, service: Service, shared: Arc<Shared>, shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(idle::Activity::new(IDLE_TIMEOUT));
+    let activity = Arc::new(idle::Activity::new(IDLE_TIMEOUT, shared.header_timeout));
     let conn = Arc::new(Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
         tickets: Mutex::new(Vec::new()),
@@ -516,8 +534,10 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        // The idle watch below replaces hyper's fixed header timeout.
+        // The idle watch below replaces hyper's header timeout, which
+        // would also cut keep-alive connections waiting for a request.
         .header_read_timeout(None)
+        .max_header_size(MAX_HEAD_SIZE)
         .max_buf_size(MAX_BUF_SIZE)
         .keep_alive(true);
     let io = TokioIo::new(idle::ActivityIo::new(stream, activity.clone()));
@@ -529,9 +549,14 @@ where
                 tracing::debug!(conn = conn_id, error = %e, "connection ended with an error");
             }
         }
-        () = activity.idle_expired() => {
-            tracing::debug!(conn = conn_id, "closing idle connection");
-        }
+        why = activity.idle_expired() => match why {
+            idle::Expired::Idle => tracing::debug!(conn = conn_id, "closing idle connection"),
+            idle::Expired::HeadDeadline => tracing::info!(
+                conn = conn_id,
+                timeout = ?shared.header_timeout,
+                "closing a connection that did not send its request head in time"
+            ),
+        },
         _ = shutdown.wait() => {
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;

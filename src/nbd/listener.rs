@@ -1,9 +1,11 @@
-//! Accept loop: unix socket or TCP, a connection limit, backoff on accept
-//! errors, one task per connection, and an orderly stop.
+//! Listeners (unix socket or TCP) and the NBD accept loop on
+//! [`crate::net::accept`]: a connection limit, backoff on accept errors,
+//! TCP keepalive, one task per connection, and an orderly stop.
 
 use super::Server;
 use super::tls::TlsMode;
 use crate::backend::Backend;
+use crate::net::accept::{self, AcceptOptions, Acceptor};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode, utf8_percent_encode};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
@@ -11,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
-/// Most connections served at once; more wait in the kernel's backlog.
+/// Default of the most connections served at once (`serve
+/// --max-connections`); more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 128;
 /// How long a stop waits for connections to finish their requests.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
@@ -182,74 +183,50 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Accept until the server's shutdown fires, then wait (bounded) for the
-/// connections to finish.
+/// connections to finish. Past the server's connection cap
+/// (`serve --max-connections`, qemu-nbd's `-e/--shared`), new clients wait
+/// in the listen backlog, as with qemu-nbd.
 pub async fn accept_loop<B: Backend>(server: Arc<Server<B>>, listener: Listener) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut tasks = JoinSet::new();
-    let mut next_id: u64 = 0;
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        while tasks.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-            break;
-        };
-        let shutdown = server.shutdown().clone();
-        let accepted = tokio::select! {
-            _ = shutdown.wait() => break,
-            r = accept(&listener) => r,
-        };
-        let conn = match accepted {
-            Ok(c) => {
-                backoff = Duration::from_millis(10);
-                c
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        next_id += 1;
+    let options = AcceptOptions {
+        name: "nbd",
+        max_connections: server.max_connections(),
+        stop_grace: STOP_DEADLINE,
+    };
+    let shutdown = server.shutdown().clone();
+    accept::serve(listener, options, shutdown, move |conn, info| {
         let server = Arc::clone(&server);
-        let id = next_id;
-        tasks.spawn(async move {
+        async move {
             match conn {
-                Accepted::Unix(stream) => {
-                    server.handle(id, "unix".to_string(), stream).await;
-                }
-                Accepted::Tcp(stream, peer) => {
-                    let _ = stream.set_nodelay(true);
-                    server.handle(id, peer, stream).await;
-                }
+                Accepted::Unix(stream) => server.handle(info.id, info.peer, stream).await,
+                Accepted::Tcp(stream) => server.handle(info.id, info.peer, stream).await,
             }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let stop = tokio::time::timeout(STOP_DEADLINE, async {
-        while tasks.join_next().await.is_some() {}
-    });
-    if stop.await.is_err() {
-        tracing::warn!(
-            remaining = tasks.len(),
-            "connections did not finish in time; closing them"
-        );
-        tasks.abort_all();
-    }
+        }
+    })
+    .await;
 }
 
-enum Accepted {
+/// A connection accepted by a [`Listener`].
+#[derive(Debug)]
+pub enum Accepted {
+    /// From the unix socket.
     Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream, String),
+    /// From TCP (keepalive and `TCP_NODELAY` set).
+    Tcp(tokio::net::TcpStream),
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
-    match listener {
-        Listener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
-        Listener::Tcp(l) => {
-            let (s, peer) = l.accept().await?;
-            Ok(Accepted::Tcp(s, peer.to_string()))
+impl Acceptor for Listener {
+    type Conn = Accepted;
+
+    async fn accept(&self) -> std::io::Result<(Accepted, String)> {
+        match self {
+            Listener::Unix(l, _) => {
+                let (s, peer) = Acceptor::accept(l).await?;
+                Ok((Accepted::Unix(s), peer))
+            }
+            Listener::Tcp(l) => {
+                let (s, peer) = Acceptor::accept(l).await?;
+                Ok((Accepted::Tcp(s), peer))
+            }
         }
     }
 }

@@ -82,6 +82,7 @@ pub struct Server<B> {
     handshake: HandshakeOptions,
     shutdown: Shutdown,
     observer: Arc<dyn Observer>,
+    max_connections: usize,
 }
 
 impl<B> std::fmt::Debug for Server<B> {
@@ -89,6 +90,7 @@ impl<B> std::fmt::Debug for Server<B> {
         f.debug_struct("Server")
             .field("config", &self.config)
             .field("handshake", &self.handshake)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -104,7 +106,20 @@ impl<B: Backend> Server<B> {
             handshake: HandshakeOptions::default(),
             shutdown,
             observer: Arc::new(NoObserver),
+            max_connections: listener::MAX_CONNECTIONS,
         }
+    }
+
+    /// Serve at most `n` clients at once (qemu-nbd's `-e/--shared`); more
+    /// wait in the listen backlog.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Most clients served at once.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// Set the in-flight limits (a new, shared byte budget).

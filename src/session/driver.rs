@@ -65,6 +65,8 @@ pub struct DriverOptions {
     pub resume_args: Vec<String>,
     /// NBD TLS and the handshake deadline.
     pub handshake: HandshakeOptions,
+    /// Most NBD clients served at once (`serve --max-connections`).
+    pub max_connections: usize,
 }
 
 /// How a transfer `serve` ended.
@@ -262,7 +264,8 @@ async fn serve(
     let server = Arc::new(
         Server::new(Exports::single(export), stop.clone())
             .with_observer(Arc::clone(&judge) as Arc<dyn Observer>)
-            .with_handshake(options.handshake.clone()),
+            .with_handshake(options.handshake.clone())
+            .with_max_connections(options.max_connections),
     );
     let env = RunEnv::of(
         &options.listener,

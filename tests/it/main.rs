@@ -7,6 +7,7 @@ mod support;
 mod engine_http;
 mod engine_sdk;
 mod engine_serve;
+mod hardening;
 mod imageio_api;
 mod imageio_clients;
 mod imageio_embed;

@@ -44,6 +44,11 @@ pub fn have_venv() -> bool {
 
 /// Start `nbdbridge imageio` on 127.0.0.1:0.
 pub fn start_ours() -> Server {
+    start_ours_with(&[])
+}
+
+/// Start `nbdbridge imageio` on 127.0.0.1:0 with extra arguments.
+pub fn start_ours_with(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let control = dir.path().join("ctl.sock");
     let local = dir.path().join("local.sock");
@@ -54,7 +59,8 @@ pub fn start_ours() -> Server {
         .arg("--control-socket")
         .arg(&control)
         .arg("--local-socket")
-        .arg(&local);
+        .arg(&local)
+        .args(extra);
     let proc = Proc::start_announcing("nbdbridge imageio", cmd);
     let base = proc.first_line.clone();
     assert!(
