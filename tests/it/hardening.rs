@@ -285,3 +285,53 @@ fn a_fragmented_image_maps_exactly_through_serve() {
     bridge.signal(15);
     assert!(bridge.wait_exit(Duration::from_secs(30)).success());
 }
+
+#[test]
+fn wrapping_numbers_in_headers_and_tickets_are_refused_or_saturated() {
+    if !require("curl") {
+        return;
+    }
+    let server = start_ours_with(&[]);
+    let image = server.path("disk.raw");
+    std::fs::write(&image, vec![5u8; 65536]).unwrap();
+    let max = u64::MAX;
+    // A ticket whose timeout and inactivity timeout are near u64::MAX is
+    // taken, and neither expires it nor cuts its connections short.
+    let mut t = ticket("wrap-ticket", &image, 65536, &["read", "write"]);
+    t["timeout"] = serde_json::json!(max);
+    t["inactivity_timeout"] = serde_json::json!(max);
+    server.add_ticket(&t);
+    assert_eq!(server.ticket_status("wrap-ticket")["expires"], max);
+    let url = server.url("wrap-ticket");
+    // A Content-Range whose length passes u64: 400, nothing written.
+    let body = server.path("one-byte");
+    std::fs::write(&body, b"x").unwrap();
+    let wrapped = format!("Content-Range: bytes 0-{max}/*");
+    for range in [
+        wrapped.as_str(),
+        "Content-Range: bytes 18446744073709551615-18446744073709551615/*",
+    ] {
+        let put = curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            range,
+            "--data-binary",
+            &format!("@{}", body.display()),
+            &url,
+        ]);
+        assert!(
+            put.status == 400 || put.status == 416,
+            "{range}: {} {}",
+            put.status,
+            put.text()
+        );
+    }
+    // A Range past the end of u64.
+    let get = curl(&["-r", &format!("{max}-{max}"), &url]);
+    assert_eq!(get.status, 416, "{}", get.text());
+    // The server and the image are untouched.
+    let read = curl(&["-r", "0-65535", &url]);
+    assert_eq!(read.status, 206);
+    assert_eq!(read.body, vec![5u8; 65536]);
+}
