@@ -14,18 +14,23 @@
 //! socket when it is on this host. This module is the only code that reads
 //! HTTP statuses and transport errors ([`status`]).
 
+mod body;
+pub mod coalesce;
 pub mod extent_map;
 mod pool;
 pub mod readahead;
 pub mod status;
 pub mod wire;
+mod writer;
 
+use self::coalesce::Limits;
 use self::extent_map::ExtentMap;
 use self::pool::Pool;
 pub use self::pool::build_client;
 use self::readahead::{Plan, ReadAhead};
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
+use self::writer::Writer;
 use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Result, ZeroFlags};
 use crate::bufpool::PoolBuf;
 use bytes::Bytes;
@@ -42,6 +47,12 @@ const MAX_EXTENTS_BODY: usize = 256 * 1024 * 1024;
 const ZERO_CHUNK: usize = 4 * 1024 * 1024;
 /// Attempts for an idempotent request whose connection failed.
 const ATTEMPTS: u32 = 3;
+/// Largest coalesced PUT.
+pub const MAX_BATCH: usize = 8 * 1024 * 1024;
+/// Writes at least this large go out alone, without gathering.
+const DIRECT_WRITE: usize = MAX_BATCH / 2;
+/// Bytes of writes held waiting for a PUT slot at most.
+const MAX_HELD: usize = 64 * 1024 * 1024;
 
 /// How to reach the data server.
 #[derive(Debug, Clone, Default)]
@@ -73,21 +84,51 @@ pub struct ImageioConfig {
     pub max_connections: Option<usize>,
 }
 
+/// The HTTP side shared by the backend and its writer task.
+#[derive(Debug)]
+pub struct Http {
+    url: String,
+    pool: Pool,
+    ended: AtomicBool,
+}
+
+/// What we keep about the image besides the data, kept coherent with our
+/// own writes.
+#[derive(Debug, Default)]
+struct Caches {
+    map: Option<Mutex<ExtentMap>>,
+    /// Block read-ahead for sequential readers.
+    readahead: Option<ReadAhead>,
+}
+
+impl Caches {
+    /// `len` bytes at `offset` changed on the server (before the change is
+    /// acknowledged).
+    fn changed(&self, offset: u64, len: u64, hole: bool, zero: bool) {
+        if let Some(map) = &self.map {
+            if let Ok(mut m) = map.lock() {
+                m.set(offset, len, hole, zero);
+            }
+        }
+        if let Some(ra) = &self.readahead {
+            ra.invalidate(offset, len);
+        }
+    }
+}
+
 /// An image transfer's data, over HTTP.
 #[derive(Debug)]
 pub struct ImageioBackend {
-    url: String,
-    pool: Pool,
+    http: Arc<Http>,
     options: Options,
     size: u64,
     read_only: bool,
     sparse: Option<bool>,
     dirty_bitmap: Option<String>,
-    map: Option<Mutex<ExtentMap>>,
+    caches: Arc<Caches>,
     dirty: tokio::sync::OnceCell<ExtentMap>,
-    ended: Arc<AtomicBool>,
-    /// Block read-ahead for sequential readers (read-only tickets only).
-    readahead: Option<ReadAhead>,
+    /// Gathers sequential writes into large PUTs (writable tickets).
+    writer: Option<Writer>,
 }
 
 impl ImageioBackend {
@@ -137,27 +178,24 @@ impl ImageioBackend {
             features = ?options.features,
             "imageio backend ready"
         );
-        let mut backend = ImageioBackend {
+        let http = Arc::new(Http {
             url: data_url,
             pool,
-            options,
-            size: config.size.unwrap_or(0),
-            read_only: config.read_only,
-            sparse: config.sparse,
-            dirty_bitmap: config.dirty_bitmap,
-            map: None,
-            dirty: tokio::sync::OnceCell::new(),
-            ended: Arc::new(AtomicBool::new(false)),
-            readahead: None,
-        };
-        let extents = if backend.options.has("extents") {
-            Some(backend.fetch_extents("zero").await?)
+            ended: AtomicBool::new(false),
+        });
+        let extents = if options.has("extents") {
+            Some(http.fetch_extents("zero").await?)
         } else {
             None
         };
         let size = match (config.size, &extents) {
             (Some(s), _) => s,
-            (None, Some(list)) => list.iter().map(|e| e.offset + e.len).max().unwrap_or(0),
+            // `parse_extents` refused ends past u64::MAX.
+            (None, Some(list)) => list
+                .iter()
+                .map(|e| e.offset.saturating_add(e.len))
+                .max()
+                .unwrap_or(0),
             (None, None) => {
                 return Err(Error::new(
                     ErrorKind::Invalid,
@@ -165,18 +203,39 @@ impl ImageioBackend {
                 ));
             }
         };
-        backend.size = size;
-        backend.map = extents.map(|list| Mutex::new(ExtentMap::new(list, size)));
-        if config.read_only {
-            backend.readahead = Some(ReadAhead::new(size));
-        }
-        Ok(backend)
+        let caches = Arc::new(Caches {
+            map: extents.map(|list| Mutex::new(ExtentMap::new(list, size))),
+            readahead: Some(ReadAhead::new(size)),
+        });
+        let writer = (!config.read_only).then(|| {
+            let after = caches.clone();
+            Writer::spawn(
+                http.clone(),
+                Limits {
+                    max_batch: MAX_BATCH,
+                    max_inflight: n,
+                    max_held: MAX_HELD,
+                },
+                Arc::new(move |offset, len| after.changed(offset, len, false, false)),
+            )
+        });
+        Ok(ImageioBackend {
+            http,
+            options,
+            size,
+            read_only: config.read_only,
+            sparse: config.sparse,
+            dirty_bitmap: config.dirty_bitmap,
+            caches,
+            dirty: tokio::sync::OnceCell::new(),
+            writer,
+        })
     }
 
     /// Mark the transfer as ended: from now on a refused request means the
     /// server is going away (ESHUTDOWN), not a permission problem.
     pub fn set_ended(&self) {
-        self.ended.store(true, Ordering::SeqCst);
+        self.http.ended.store(true, Ordering::SeqCst);
     }
 
     /// Send one flush on every connection that wrote since the last flush,
@@ -198,9 +257,28 @@ impl ImageioBackend {
         if self.size == 0 {
             return Ok(());
         }
-        retry(|| self.read_once(0, 1)).await.map(|_| ())
+        retry(|| self.http.read_once(0, 1)).await.map(|_| ())
     }
 
+    fn mark(&self, offset: u64, len: u64, hole: bool, zero: bool) {
+        self.caches.changed(offset, len, hole, zero);
+    }
+
+    async fn write_zeroes_by_put(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let zeroes = Bytes::from(vec![0u8; ZERO_CHUNK.min(len as usize)]);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            let last = done + n as u64 == len;
+            let chunk = [zeroes.slice(..n)];
+            retry(|| self.http.put_once(offset + done, &chunk, fua && last)).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Http {
     fn ctx(&self) -> ErrorContext {
         ErrorContext {
             ended: self.ended.load(Ordering::SeqCst),
@@ -236,14 +314,6 @@ impl ImageioBackend {
                 }
             })
             .collect())
-    }
-
-    fn mark(&self, offset: u64, len: u64, hole: bool, zero: bool) {
-        if let Some(map) = &self.map {
-            if let Ok(mut m) = map.lock() {
-                m.set(offset, len, hole, zero);
-            }
-        }
     }
 
     async fn read_once(&self, offset: u64, len: usize) -> Result<Bytes> {
@@ -283,20 +353,19 @@ impl ImageioBackend {
         Ok(buf.freeze())
     }
 
-    async fn put_once(&self, offset: u64, data: &Bytes, flush: bool) -> Result<()> {
+    /// One PUT of `parts`, contiguous from `offset`, sent without copying.
+    async fn put_once(&self, offset: u64, parts: &[Bytes], flush: bool) -> Result<()> {
         let what = "PUT";
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let conn = self.pool.get().await?;
-        let range = format!(
-            "bytes {}-{}/*",
-            offset,
-            offset + (data.len() as u64).max(1) - 1
-        );
+        let range = format!("bytes {}-{}/*", offset, offset + len.max(1) - 1);
         let url = format!("{}?flush={}", self.url, if flush { "y" } else { "n" });
         let resp = conn
             .client()
             .put(&url)
             .header(reqwest::header::CONTENT_RANGE, range)
-            .body(data.clone())
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body::parts(parts))
             .send()
             .await
             .map_err(|e| transport(what, &e))?;
@@ -320,19 +389,6 @@ impl ImageioBackend {
             .map_err(|e| transport(what, &e))?;
         check(resp, what, &self.ctx()).await?;
         conn.set_dirty();
-        Ok(())
-    }
-
-    async fn write_zeroes_by_put(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        let zeroes = Bytes::from(vec![0u8; ZERO_CHUNK.min(len as usize)]);
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            let last = done + n as u64 == len;
-            let chunk = zeroes.slice(..n);
-            retry(|| self.put_once(offset + done, &chunk, fua && last)).await?;
-            done += n as u64;
-        }
         Ok(())
     }
 }
@@ -375,7 +431,7 @@ impl Backend for ImageioBackend {
             fast_zero: zero,
             cache: false,
             multi_conn: true,
-            extents: self.map.is_some(),
+            extents: self.caches.map.is_some(),
             dirty_bitmap: self.dirty_bitmap.clone(),
             min_block: 1,
             preferred_block: 4096,
@@ -387,7 +443,7 @@ impl Backend for ImageioBackend {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let plan = match &self.readahead {
+        let plan = match &self.caches.readahead {
             Some(ra) => ra.plan(offset, len),
             None => Plan::Direct,
         };
@@ -398,7 +454,7 @@ impl Backend for ImageioBackend {
         } = plan
         {
             let block = slot
-                .get_or_try_init(|| retry(|| self.read_once(start, block_len)))
+                .get_or_try_init(|| retry(|| self.http.read_once(start, block_len)))
                 .await;
             match block {
                 Ok(block) => {
@@ -407,21 +463,27 @@ impl Backend for ImageioBackend {
                     }
                 }
                 Err(e) => {
-                    if let Some(ra) = &self.readahead {
+                    if let Some(ra) = &self.caches.readahead {
                         ra.forget(start, &slot);
                     }
                     tracing::debug!(error = %e, "read-ahead failed; reading directly");
                 }
             }
         }
-        retry(|| self.read_once(offset, len)).await
+        retry(|| self.http.read_once(offset, len)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let len = data.len() as u64;
-        retry(|| self.put_once(offset, &data, fua)).await?;
-        self.mark(offset, len, false, false);
-        Ok(())
+        match &self.writer {
+            Some(writer) if data.len() < DIRECT_WRITE => writer.write(offset, data, fua).await,
+            _ => {
+                let parts = [data];
+                retry(|| self.http.put_once(offset, &parts, fua)).await?;
+                self.mark(offset, len, false, false);
+                Ok(())
+            }
+        }
     }
 
     async fn zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
@@ -448,7 +510,7 @@ impl Backend for ImageioBackend {
             size: len,
             flush: flags.fua,
         };
-        retry(|| self.patch_once(&patch)).await?;
+        retry(|| self.http.patch_once(&patch)).await?;
         self.mark(offset, len, self.sparse == Some(true), true);
         Ok(())
     }
@@ -471,10 +533,11 @@ impl Backend for ImageioBackend {
         }
         let body = serde_json::to_vec(&Patch::Flush)
             .map_err(|e| Error::new(ErrorKind::Invalid, format!("PATCH body: {e}")))?;
-        let ctx = self.ctx();
-        self.pool
+        let ctx = self.http.ctx();
+        self.http
+            .pool
             .flush_dirty(|client| {
-                let url = self.url.clone();
+                let url = self.http.url.clone();
                 let body = body.clone();
                 async move {
                     let resp = client
@@ -502,7 +565,7 @@ impl Backend for ImageioBackend {
         max_count: usize,
     ) -> Result<Vec<Extent>> {
         match context {
-            ExtentContext::Allocation => match &self.map {
+            ExtentContext::Allocation => match &self.caches.map {
                 Some(map) => map
                     .lock()
                     .map(|m| m.query(offset, len, max_count))
@@ -518,7 +581,7 @@ impl Backend for ImageioBackend {
                 let map = self
                     .dirty
                     .get_or_try_init(|| async {
-                        let list = self.fetch_extents("dirty").await?;
+                        let list = self.http.fetch_extents("dirty").await?;
                         Ok::<_, Error>(ExtentMap::new(list, self.size))
                     })
                     .await?;

@@ -1,4 +1,4 @@
-//! Read-ahead for sequential readers of a read-only ticket.
+//! Read-ahead for sequential readers of a ticket.
 //!
 //! NBD clients read in small requests (nbdcopy: 256 KiB, 64 in flight per
 //! connection); one HTTP GET per request spends most of its time on the
@@ -7,8 +7,12 @@
 //! fetched with one GET and the following reads are served from it, without
 //! copying (slices of one buffer).
 //!
-//! Only for read-only tickets: nothing writes behind the cache's back.
-//! Memory is bounded by [`MAX_BLOCKS`] blocks of [`BLOCK`] bytes (plus the
+//! Writes through this backend drop the blocks they touch once they reached
+//! the server and before they are acknowledged ([`ReadAhead::invalidate`]):
+//! a read sent after a write was answered plans after that, so it never
+//! gets a block fetched before the write landed. (Writers behind our back,
+//! e.g. another client of the same ticket, are not seen; neither would
+//! they be without the cache, between two reads.) Memory is bounded by [`MAX_BLOCKS`] blocks of [`BLOCK`] bytes (plus the
 //! slices replies still hold).
 
 use bytes::Bytes;
@@ -137,6 +141,20 @@ impl ReadAhead {
         }
     }
 
+    /// `len` bytes at `offset` changed on the server: drop the blocks that
+    /// hold any of them (reads already holding one were concurrent with the
+    /// change, so either content is right for them).
+    pub fn invalidate(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / BLOCK;
+        let last = offset.saturating_add(len - 1) / BLOCK;
+        if let Ok(mut st) = self.state.lock() {
+            st.blocks.retain(|index, _| *index < first || *index > last);
+        }
+    }
+
     /// Blocks cached now (for tests).
     pub fn cached_blocks(&self) -> usize {
         self.state.lock().map(|st| st.blocks.len()).unwrap_or(0)
@@ -255,6 +273,29 @@ mod tests {
         };
         ra.forget(start, &slot);
         assert_eq!(ra.cached_blocks(), 0);
+    }
+
+    #[test]
+    fn a_write_drops_the_blocks_it_touches() {
+        let ra = ReadAhead::new(8 * BLOCK);
+        for b in [1, 2, 5] {
+            ra.plan(b * BLOCK, 4096);
+            assert!(is_block(&ra.plan(b * BLOCK + 4096, 4096)));
+        }
+        assert_eq!(ra.cached_blocks(), 3);
+        ra.invalidate(2 * BLOCK - 1, 2);
+        assert_eq!(ra.cached_blocks(), 1, "blocks 1 and 2 dropped");
+        ra.invalidate(5 * BLOCK + 100, 0);
+        assert_eq!(ra.cached_blocks(), 1, "an empty range drops nothing");
+        ra.invalidate(u64::MAX - 1, 10);
+        assert_eq!(ra.cached_blocks(), 1);
+        ra.invalidate(5 * BLOCK + 100, 1);
+        assert_eq!(ra.cached_blocks(), 0);
+        // The next sequential read fetches the block afresh.
+        let Plan::Block { slot, .. } = ra.plan(5 * BLOCK + 8192, 4096) else {
+            panic!("a new block");
+        };
+        assert!(slot.get().is_none());
     }
 
     #[test]
