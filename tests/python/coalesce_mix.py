@@ -93,7 +93,7 @@ for n in range(200):
 aio_writes(b, chain)
 
 # 5. Zeroes over written data, then writes over the zeroes.
-a.zero(3 * K, 2 * K + 17)
+a.zero(2 * K + 17, 3 * K)  # count, offset
 model[3 * K:5 * K + 17] = bytes(2 * K + 17)
 aio_writes(a, [(4 * K + i * 4096, fill(400 + i, 4096), 0) for i in range(8)])
 a.flush()
