@@ -3,6 +3,7 @@
 # fails one PUT. Prints one line per write: "INDEX ERRNO" (0 = ok).
 #
 # usage: coalesce_fault.py NBD-URI COUNT CHUNK
+import errno
 import sys
 
 import nbd
@@ -21,7 +22,11 @@ while len(results) < count:
             if h.aio_command_completed(c):
                 results[i] = 0
         except nbd.Error as e:
-            results[i] = e.errno or -1
+            # libnbd gives the errno's name ("EIO"); print its number.
+            code = e.errno
+            if isinstance(code, str):
+                code = getattr(errno, code, -1)
+            results[i] = code or -1
     if len(results) < count:
         h.poll(-1)
 for i in range(count):

@@ -134,7 +134,7 @@ impl<T> Gatherer<T> {
     }
 
     /// The next batch to send, if a slot is free: the oldest one.
-    pub fn next(&mut self) -> Option<Batch<T>> {
+    pub fn next_batch(&mut self) -> Option<Batch<T>> {
         if self.inflight >= self.limits.max_inflight {
             return None;
         }
@@ -144,7 +144,7 @@ impl<T> Gatherer<T> {
         Some(b)
     }
 
-    /// A batch given by [`Gatherer::next`] was answered.
+    /// A batch given by [`Gatherer::next_batch`] was answered.
     pub fn done(&mut self) {
         self.inflight = self.inflight.saturating_sub(1);
     }
@@ -267,7 +267,7 @@ mod tests {
                     }
                 }
             } else if choice < 8 {
-                if let Some(b) = g.next() {
+                if let Some(b) = g.next_batch() {
                     assert!(g.inflight() <= limits.max_inflight);
                     inflight.push(b);
                 }
@@ -307,7 +307,7 @@ mod tests {
             }
             if issued >= target {
                 // Drain: everything must leave without new writes.
-                while let Some(b) = g.next() {
+                while let Some(b) = g.next_batch() {
                     inflight.push(b);
                 }
                 if inflight.is_empty() && g.is_idle() {
@@ -382,20 +382,20 @@ mod tests {
         });
         g.add(0, Bytes::from_static(&[1; 4]), false, 0);
         // A free slot: the first write goes out alone at once.
-        let first = g.next().unwrap();
+        let first = g.next_batch().unwrap();
         assert_eq!((first.offset, first.len), (0, 4));
         for i in 1..8u64 {
             g.add(i * 4, Bytes::from_static(&[2; 4]), false, i as usize);
         }
-        assert!(g.next().is_none(), "no slot while the first PUT runs");
+        assert!(g.next_batch().is_none(), "no slot while the first PUT runs");
         g.done();
-        let b = g.next().unwrap();
+        let b = g.next_batch().unwrap();
         assert_eq!(
             (b.offset, b.len, b.waiters.clone()),
             (4, 16, vec![1, 2, 3, 4])
         );
         g.done();
-        let b = g.next().unwrap();
+        let b = g.next_batch().unwrap();
         assert_eq!(
             (b.offset, b.len, b.waiters.clone()),
             (20, 12, vec![5, 6, 7])
@@ -413,7 +413,7 @@ mod tests {
         });
         let _busy = {
             g.add(100, Bytes::from_static(&[9; 1]), false, 99);
-            g.next().unwrap()
+            g.next_batch().unwrap()
         };
         g.add(0, Bytes::from_static(&[1; 4]), true, 0);
         g.add(4, Bytes::from_static(&[1; 4]), false, 1); // after FUA: new batch
@@ -421,7 +421,7 @@ mod tests {
         assert!(!g.can_take(), "12 bytes held");
         g.done();
         let ends: BTreeSet<u64> = std::iter::from_fn(|| {
-            let b = g.next()?;
+            let b = g.next_batch()?;
             g.done();
             Some(b.offset + b.len)
         })

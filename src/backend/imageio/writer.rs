@@ -80,7 +80,7 @@ async fn run(
                 Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
             }
         }
-        while let Some(batch) = g.next() {
+        while let Some(batch) = g.next_batch() {
             puts.spawn(send(http.clone(), batch, after.clone()));
         }
         if closed && g.is_idle() && puts.is_empty() {

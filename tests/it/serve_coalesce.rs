@@ -6,8 +6,10 @@
 //! fault-injecting proxy in front of the real daemon fails exactly the NBD
 //! writes it carried.
 
-mod support;
-
+use crate::support::imageio::{Kind, Server, have_venv, nbd_ticket, start, ticket};
+use crate::support::{
+    Proc, START_DEADLINE, SYSTEM_PYTHON, bin, pattern, repo, require, run_ok, wait_until,
+};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,10 +17,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::imageio::{Kind, Server, have_venv, nbd_ticket, start, ticket};
-use support::{
-    Proc, START_DEADLINE, SYSTEM_PYTHON, bin, pattern, repo, require, run_ok, wait_until,
-};
 
 const SIZE: u64 = 16 << 20;
 
@@ -159,8 +157,8 @@ fn clients_write_exactly_through_the_real_daemon() {
     clients_write_exactly(Kind::Daemon);
 }
 
-/// An HTTP/1.1 proxy in front of a data server that answers the `fail`-th
-/// PUT with 500 itself (never forwarding it), and hides the server's unix
+/// An HTTP/1.1 proxy in front of a data server that answers the first PUT
+/// of at least `fail_len` bytes (a gathered one) with 500 itself (never forwarding it), and hides the server's unix
 /// socket from OPTIONS so the bridge keeps talking through the proxy.
 struct FaultProxy {
     port: u16,
@@ -171,7 +169,7 @@ struct FaultProxy {
 }
 
 impl FaultProxy {
-    fn start(upstream: u16, fail: usize) -> FaultProxy {
+    fn start(upstream: u16, fail_len: u64) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let puts = Arc::new(AtomicUsize::new(0));
@@ -186,7 +184,7 @@ impl FaultProxy {
                 let Ok(conn) = conn else { continue };
                 let (p, f) = (p.clone(), f.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(conn, upstream, fail, &p, &f);
+                    let _ = relay(conn, upstream, fail_len, &p, &f);
                 });
             }
         });
@@ -237,7 +235,7 @@ fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<(String, u64)>> {
 fn relay(
     client: TcpStream,
     upstream: u16,
-    fail: usize,
+    fail_len: u64,
     puts: &AtomicUsize,
     failed: &Mutex<Option<String>>,
 ) -> std::io::Result<()> {
@@ -250,7 +248,11 @@ fn relay(
         let mut body = vec![0; len as usize];
         client_r.read_exact(&mut body)?;
         let method = head.split(' ').next().unwrap_or("").to_string();
-        if method == "PUT" && puts.fetch_add(1, Ordering::SeqCst) + 1 == fail {
+        let put = method == "PUT";
+        if put {
+            puts.fetch_add(1, Ordering::SeqCst);
+        }
+        if put && len >= fail_len && failed.lock().unwrap().is_none() {
             let range = head
                 .lines()
                 .find_map(|l| {
@@ -307,9 +309,9 @@ fn a_failed_put_fails_every_write_it_carried() {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("daemon port");
-    // The first PUT carries the first write alone; the second carries
-    // what gathered meanwhile.
-    let proxy = FaultProxy::start(port, 2);
+    // The first PUT that carries two writes or more fails: every write
+    // in it, and only those, must fail.
+    let proxy = FaultProxy::start(port, 2 * CHUNK);
     let url = format!("http://127.0.0.1:{}/images/tkt-fault", proxy.port);
     let bridge = serve(&url, &server.path("nbd.sock"));
     let uri = bridge.first_line.clone();
@@ -321,11 +323,13 @@ fn a_failed_put_fails_every_write_it_carried() {
             .arg(COUNT.to_string())
             .arg(CHUNK.to_string()),
     );
-    let results: Vec<(u64, i64)> = String::from_utf8_lossy(&out.stdout)
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let results: Vec<(u64, i64)> = stdout
         .lines()
         .map(|l| {
-            let (i, e) = l.split_once(' ').unwrap();
-            (i.parse().unwrap(), e.parse().unwrap())
+            l.split_once(' ')
+                .and_then(|(i, e)| Some((i.parse().ok()?, e.parse().ok()?)))
+                .unwrap_or_else(|| panic!("not 'INDEX ERRNO': {l:?} in {stdout}"))
         })
         .collect();
     assert_eq!(results.len() as u64, COUNT);
@@ -346,6 +350,7 @@ fn a_failed_put_fails_every_write_it_carried() {
     assert_eq!(first % CHUNK, 0, "{range}");
     assert_eq!((last + 1) % CHUNK, 0, "{range}");
     let carried = first / CHUNK..(last + 1) / CHUNK;
+    assert!(carried.end - carried.start >= 2, "{range} was gathered");
     let data = std::fs::read(&image).unwrap();
     for (i, errno) in results {
         let at = (i * CHUNK) as usize;
