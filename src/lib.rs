@@ -20,6 +20,8 @@
 //!   backoff, TCP keepalive, orderly stop).
 //! - [`shutdown`] and [`telemetry`]: orderly stop and logging;
 //!   [`progress`]: the progress line on a terminal.
+//! - [`wire`]: big-endian fields read without panics (both NBD sides, the
+//!   QCOW2 header check).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![deny(missing_docs)]
 
@@ -38,5 +40,6 @@ pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod wire;
 
 pub use backend::Backend;

@@ -3,6 +3,7 @@
 
 use super::error::{Error, Result};
 use super::model::{Disk, Format};
+use crate::wire::{Reader, WireError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -132,20 +133,42 @@ const QCOW_MAGIC: u32 = 0x5146_49fb;
 /// Incompatible feature bits we refuse: corrupt (1), external data file (2).
 const QCOW_REFUSED_INCOMPATIBLE: u64 = 0b110;
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_be_bytes(a)
+/// The QCOW2 header fields we check.
+struct Qcow2Fields {
+    magic: u32,
+    version: u32,
+    backing_file_offset: u64,
+    backing_file_size: u32,
+    size: u64,
+    crypt_method: u32,
+    /// Only in a version 3 header (at offset 72).
+    incompatible_features: Option<u64>,
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_be_bytes(a)
+/// Read the fields in file order; shorter than the 72 bytes of a version 2
+/// header is an error.
+fn qcow2_fields(header: &[u8]) -> std::result::Result<Qcow2Fields, WireError> {
+    let mut r = Reader::new(header);
+    let magic = r.u32()?;
+    let version = r.u32()?;
+    let backing_file_offset = r.u64()?;
+    let backing_file_size = r.u32()?;
+    r.skip(4)?; // cluster_bits
+    let size = r.u64()?;
+    let crypt_method = r.u32()?;
+    // l1_size, l1_table_offset, refcount_table_offset,
+    // refcount_table_clusters, nb_snapshots, snapshots_offset.
+    r.skip(36)?;
+    let incompatible_features = r.u64().ok();
+    Ok(Qcow2Fields {
+        magic,
+        version,
+        backing_file_offset,
+        backing_file_size,
+        size,
+        crypt_method,
+        incompatible_features,
+    })
 }
 
 /// The image at `path` must be QCOW2 (version 2 or 3), without a backing
@@ -161,30 +184,34 @@ pub fn verify_qcow2(path: &Path, max_size: u64) -> std::result::Result<(), Strin
 
 /// [`verify_qcow2`] on the first bytes of the image.
 pub fn check_qcow2_header(header: &[u8], max_size: u64) -> std::result::Result<(), String> {
-    if header.len() < 72 || be32(header, 0) != QCOW_MAGIC {
+    let Ok(h) = qcow2_fields(header) else {
+        return Err("the image is not a QCOW2 image".into());
+    };
+    if h.magic != QCOW_MAGIC {
         return Err("the image is not a QCOW2 image".into());
     }
-    let version = be32(header, 4);
+    let version = h.version;
     if version != 2 && version != 3 {
         return Err(format!("unsupported QCOW2 version {version}"));
     }
-    if be64(header, 8) != 0 || be32(header, 16) != 0 {
+    if h.backing_file_offset != 0 || h.backing_file_size != 0 {
         return Err("the QCOW2 image has a backing file".into());
     }
-    let size = be64(header, 24);
+    let size = h.size;
     if size > max_size {
         return Err(format!(
             "the QCOW2 virtual size {size} is larger than the disk's {max_size} bytes"
         ));
     }
-    if be32(header, 32) != 0 {
+    if h.crypt_method != 0 {
         return Err("the QCOW2 image is encrypted".into());
     }
     if version == 3 {
-        if header.len() < 104 {
-            return Err("the QCOW2 v3 header is truncated".into());
-        }
-        if be64(header, 72) & QCOW_REFUSED_INCOMPATIBLE != 0 {
+        let features = match h.incompatible_features {
+            Some(features) if header.len() >= 104 => features,
+            _ => return Err("the QCOW2 v3 header is truncated".into()),
+        };
+        if features & QCOW_REFUSED_INCOMPATIBLE != 0 {
             return Err("the QCOW2 image is corrupt or uses an external data file".into());
         }
     }
@@ -218,5 +245,21 @@ mod tests {
         let mut corrupt = header(3, 0, 1 << 20);
         corrupt[79] = 2;
         assert!(check_qcow2_header(&corrupt, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn truncated_qcow2_headers() {
+        let v3 = header(3, 0, 1 << 20);
+        for n in 0..v3.len() {
+            let e = check_qcow2_header(&v3[..n], 1 << 20).unwrap_err();
+            let want = if n < 72 {
+                "the image is not a QCOW2 image"
+            } else {
+                "the QCOW2 v3 header is truncated"
+            };
+            assert_eq!(e, want, "{n} bytes");
+        }
+        // A version 2 header is 72 bytes.
+        assert!(check_qcow2_header(&header(2, 0, 1 << 20)[..72], 1 << 20).is_ok());
     }
 }

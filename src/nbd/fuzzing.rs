@@ -8,6 +8,7 @@ use super::transmission::request::{Limits, parse_request, validate_request};
 use super::{Export, Exports, Server};
 use crate::backend::memory::MemoryBackend;
 use crate::shutdown::Shutdown;
+use crate::wire::Reader;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,9 +65,9 @@ pub fn request_bytes(input: &[u8]) {
         ReplyMode::Extended,
     ] {
         if let Ok(h) = parse_request(input, mode) {
-            let flags = input
-                .get(32..34)
-                .map_or(0xffff, |b| u16::from_be_bytes([b[0], b[1]]));
+            let flags = Reader::new(input.get(32..).unwrap_or_default())
+                .u16()
+                .unwrap_or(0xffff);
             let limits = Limits {
                 size: EXPORT_SIZE as u64,
                 flags,
@@ -83,10 +84,12 @@ pub fn request_bytes(input: &[u8]) {
 /// Parse `input` as an option: the first 4 bytes are the code, the rest the
 /// payload.
 pub fn option_bytes(input: &[u8]) {
-    let code = input
-        .get(..4)
-        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-    let _ = parse_option(code, input.get(4..).unwrap_or_default());
+    let mut r = Reader::new(input);
+    let (code, data) = match r.u32() {
+        Ok(code) => (code, r.rest()),
+        Err(_) => (0, &[][..]),
+    };
+    let _ = parse_option(code, data);
 }
 
 #[cfg(test)]

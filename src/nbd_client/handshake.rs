@@ -3,6 +3,8 @@
 
 use super::{Error, MAX_IO, MAX_MESSAGE, MAX_OPTION_REPLY};
 use crate::nbd::consts::*;
+use crate::wire::Reader;
+use bytes::{Buf, BufMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// qemu's allocation depth context: 0 = not allocated in any layer.
@@ -78,11 +80,11 @@ async fn send_option<S: AsyncWrite + Unpin>(
 ) -> Result<(), Error> {
     let len =
         u32::try_from(data.len()).map_err(|_| Error::Protocol("option payload too long".into()))?;
-    let mut buf = Vec::with_capacity(16 + data.len());
-    buf.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    buf.extend_from_slice(&option.to_be_bytes());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(data);
+    let mut buf: Vec<u8> = Vec::with_capacity(16 + data.len());
+    buf.put_u64(IHAVEOPT);
+    buf.put_u32(option);
+    buf.put_u32(len);
+    buf.put_slice(data);
     s.write_all(&buf).await?;
     s.flush().await?;
     Ok(())
@@ -91,10 +93,13 @@ async fn send_option<S: AsyncWrite + Unpin>(
 async fn recv_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Result<OptionReply, Error> {
     let mut head = [0u8; 20];
     s.read_exact(&mut head).await?;
-    let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
-    let opt = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
-    let kind = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
-    let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default());
+    // 8 + 4 + 4 + 4 bytes: the array's type fixes the length, so `Buf`
+    // cannot run short here.
+    let mut h = &head[..];
+    let magic = h.get_u64();
+    let opt = h.get_u32();
+    let kind = h.get_u32();
+    let len = h.get_u32();
     if magic != NBD_REP_MAGIC {
         return Err(Error::Protocol(format!(
             "bad option reply magic {magic:#x} for {}",
@@ -127,10 +132,6 @@ fn refused(option: u32, reply: &OptionReply) -> Error {
     }
 }
 
-fn be_u32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4)?.try_into().ok().map(u32::from_be_bytes)
-}
-
 /// Run the handshake for `export` on a fresh connection.
 ///
 /// # Errors
@@ -142,9 +143,11 @@ where
 {
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).await?;
-    let magic = u64::from_be_bytes(greeting[0..8].try_into().unwrap_or_default());
-    let opt_magic = u64::from_be_bytes(greeting[8..16].try_into().unwrap_or_default());
-    let server_flags = u16::from_be_bytes(greeting[16..18].try_into().unwrap_or_default());
+    // 8 + 8 + 2 bytes, fixed by the array's type.
+    let mut g = &greeting[..];
+    let magic = g.get_u64();
+    let opt_magic = g.get_u64();
+    let server_flags = g.get_u16();
     if magic != NBDMAGIC {
         return Err(Error::Protocol(format!(
             "not an NBD server (magic {magic:#x})"
@@ -164,7 +167,7 @@ where
     if server_flags & NBD_FLAG_NO_ZEROES != 0 {
         client_flags |= NBD_FLAG_C_NO_ZEROES;
     }
-    s.write_all(&client_flags.to_be_bytes()).await?;
+    s.write_u32(client_flags).await?;
 
     // Structured replies: needed for sparse reads and block status.
     send_option(s, NBD_OPT_STRUCTURED_REPLY, &[]).await?;
@@ -189,13 +192,13 @@ where
     let (mut base_allocation, mut allocation_depth) = (None, None);
     if structured {
         let queries = [BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH];
-        let mut data = Vec::new();
-        data.extend_from_slice(&name_len.to_be_bytes());
-        data.extend_from_slice(name);
-        data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        let mut data: Vec<u8> = Vec::new();
+        data.put_u32(name_len);
+        data.put_slice(name);
+        data.put_u32(queries.len() as u32);
         for q in queries {
-            data.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            data.extend_from_slice(q.as_bytes());
+            data.put_u32(q.len() as u32);
+            data.put_slice(q.as_bytes());
         }
         send_option(s, NBD_OPT_SET_META_CONTEXT, &data).await?;
         let mut done = false;
@@ -203,10 +206,11 @@ where
             let reply = recv_reply(s, NBD_OPT_SET_META_CONTEXT).await?;
             match reply.kind {
                 NBD_REP_META_CONTEXT => {
-                    let id = be_u32(&reply.data, 0).ok_or_else(|| {
+                    let mut r = Reader::new(&reply.data);
+                    let id = r.u32().map_err(|_| {
                         Error::Protocol("meta context reply shorter than 4 bytes".into())
                     })?;
-                    let ctx = String::from_utf8_lossy(reply.data.get(4..).unwrap_or_default());
+                    let ctx = String::from_utf8_lossy(r.rest());
                     match &*ctx {
                         BASE_ALLOCATION => base_allocation = Some(id),
                         QEMU_ALLOCATION_DEPTH => allocation_depth = Some(id),
@@ -245,10 +249,10 @@ where
 
     // GO: export name, no information requests (we honour no block size
     // constraints; qemu-nbd's minimum is 1).
-    let mut data = Vec::new();
-    data.extend_from_slice(&name_len.to_be_bytes());
-    data.extend_from_slice(name);
-    data.extend_from_slice(&0u16.to_be_bytes());
+    let mut data: Vec<u8> = Vec::new();
+    data.put_u32(name_len);
+    data.put_slice(name);
+    data.put_u16(0);
     send_option(s, NBD_OPT_GO, &data).await?;
     let mut size_flags = None;
     let (mut min_block, mut preferred_block, mut max_block) = (1, 4096, MAX_IO);
@@ -274,34 +278,25 @@ where
             }
             NBD_REP_INFO => {
                 let d = &reply.data;
-                let info = d
-                    .get(0..2)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u16::from_be_bytes)
-                    .ok_or_else(|| Error::Protocol("NBD_REP_INFO shorter than 2 bytes".into()))?;
+                let mut r = Reader::new(d);
+                let info = r
+                    .u16()
+                    .map_err(|_| Error::Protocol("NBD_REP_INFO shorter than 2 bytes".into()))?;
                 match info {
                     NBD_INFO_EXPORT => {
-                        if d.len() != 12 {
+                        // Exactly 12 bytes: type, size, flags.
+                        let (Ok(size), Ok(flags), Ok(())) = (r.u64(), r.u16(), r.finish()) else {
                             return Err(Error::Protocol(format!(
                                 "NBD_INFO_EXPORT of {} bytes",
                                 d.len()
                             )));
-                        }
-                        let size = d
-                            .get(2..10)
-                            .and_then(|b| b.try_into().ok())
-                            .map(u64::from_be_bytes)
-                            .unwrap_or_default();
-                        let flags = d
-                            .get(10..12)
-                            .and_then(|b| b.try_into().ok())
-                            .map(u16::from_be_bytes)
-                            .unwrap_or_default();
+                        };
                         size_flags = Some((size, flags));
                     }
                     NBD_INFO_BLOCK_SIZE => {
-                        let (Some(min), Some(pref), Some(max), 14) =
-                            (be_u32(d, 2), be_u32(d, 6), be_u32(d, 10), d.len())
+                        // Exactly 14 bytes: type, minimum, preferred, maximum.
+                        let (Ok(min), Ok(pref), Ok(max), Ok(())) =
+                            (r.u32(), r.u32(), r.u32(), r.finish())
                         else {
                             return Err(Error::Protocol(format!(
                                 "NBD_INFO_BLOCK_SIZE of {} bytes",

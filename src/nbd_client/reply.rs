@@ -6,6 +6,8 @@
 
 use super::{Error, MAX_CHUNK_EXTENTS, MAX_MESSAGE};
 use crate::nbd::consts::*;
+use crate::wire::Reader;
+use bytes::{Buf, BufMut};
 
 /// Bytes after the magic in a simple reply header (error, cookie).
 pub const SIMPLE_REST: usize = 12;
@@ -47,11 +49,12 @@ pub struct SimpleHeader {
 
 /// Parse the 12 bytes after a simple reply magic.
 pub fn parse_simple(rest: &[u8; SIMPLE_REST]) -> SimpleHeader {
-    let (error, cookie) = rest.split_at(4);
-    SimpleHeader {
-        error: u32::from_be_bytes(error.try_into().unwrap_or_default()),
-        cookie: u64::from_be_bytes(cookie.try_into().unwrap_or_default()),
-    }
+    // 4 + 8 bytes: the array's type fixes the length, so `Buf` cannot run
+    // short here.
+    let mut b = &rest[..];
+    let error = b.get_u32();
+    let cookie = b.get_u64();
+    SimpleHeader { error, cookie }
 }
 
 /// A structured reply chunk header.
@@ -76,25 +79,17 @@ impl ChunkHeader {
 
 /// Parse the 16 bytes after a structured reply magic.
 pub fn parse_chunk_header(rest: &[u8; CHUNK_REST]) -> ChunkHeader {
-    let be16 = |r: std::ops::Range<usize>| {
-        rest.get(r)
-            .and_then(|b| b.try_into().ok())
-            .map(u16::from_be_bytes)
-            .unwrap_or_default()
-    };
+    // 2 + 2 + 8 + 4 bytes, fixed by the array's type.
+    let mut b = &rest[..];
+    let flags = b.get_u16();
+    let kind = b.get_u16();
+    let cookie = b.get_u64();
+    let len = b.get_u32();
     ChunkHeader {
-        flags: be16(0..2),
-        kind: be16(2..4),
-        cookie: rest
-            .get(4..12)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or_default(),
-        len: rest
-            .get(12..16)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_be_bytes)
-            .unwrap_or_default(),
+        flags,
+        kind,
+        cookie,
+        len,
     }
 }
 
@@ -273,11 +268,11 @@ impl Coverage {
 
 /// Parse a hole chunk's 12-byte payload: offset and length.
 pub fn parse_hole(payload: &[u8; 12]) -> (u64, u64) {
-    let (off, len) = payload.split_at(8);
-    (
-        u64::from_be_bytes(off.try_into().unwrap_or_default()),
-        u64::from(u32::from_be_bytes(len.try_into().unwrap_or_default())),
-    )
+    // 8 + 4 bytes, fixed by the array's type.
+    let mut b = &payload[..];
+    let offset = b.get_u64();
+    let len = b.get_u32();
+    (offset, u64::from(len))
 }
 
 /// An error chunk: code and message.
@@ -296,16 +291,9 @@ pub struct ChunkError {
 /// A message length that does not fit the payload.
 pub fn parse_error(kind: u16, payload: &[u8]) -> Result<ChunkError, Error> {
     let bad = || Error::Protocol(format!("malformed error chunk (type {kind})"));
-    let code = payload
-        .get(0..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(bad)?;
-    let msg_len = payload
-        .get(4..6)
-        .and_then(|b| b.try_into().ok())
-        .map(u16::from_be_bytes)
-        .ok_or_else(bad)? as usize;
+    let mut r = Reader::new(payload);
+    let code = r.u32().map_err(|_| bad())?;
+    let msg_len = usize::from(r.u16().map_err(|_| bad())?);
     let trailer = if kind == NBD_REPLY_TYPE_ERROR_OFFSET {
         8
     } else {
@@ -315,7 +303,7 @@ pub fn parse_error(kind: u16, payload: &[u8]) -> Result<ChunkError, Error> {
     if known && 6 + msg_len + trailer != payload.len() {
         return Err(bad());
     }
-    let message = payload.get(6..6 + msg_len).ok_or_else(bad)?;
+    let message = r.bytes(msg_len).map_err(|_| bad())?;
     Ok(ChunkError {
         code: if code == 0 { NBD_EIO } else { code },
         message: String::from_utf8_lossy(message).trim_end().to_string(),
@@ -328,17 +316,14 @@ pub fn parse_error(kind: u16, payload: &[u8]) -> Result<ChunkError, Error> {
 /// # Errors
 /// A zero-length extent.
 pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), Error> {
-    let ctx = payload
-        .get(0..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(|| Error::Protocol("block status chunk too short".into()))?;
-    let rest = payload.get(4..).unwrap_or_default();
-    let mut list = Vec::with_capacity(rest.len() / 8);
-    for d in rest.chunks_exact(8) {
-        let (len, flags) = d.split_at(4);
-        let len = u32::from_be_bytes(len.try_into().unwrap_or_default());
-        let flags = u32::from_be_bytes(flags.try_into().unwrap_or_default());
+    let mut r = Reader::new(payload);
+    let ctx = r
+        .u32()
+        .map_err(|_| Error::Protocol("block status chunk too short".into()))?;
+    let mut list = Vec::with_capacity(r.remaining() / 8);
+    // Whole (length, flags) descriptors: check_chunk made the payload
+    // 4 + 8n bytes, and a partial one at the end would be left unread.
+    while let (Ok(len), Ok(flags)) = (r.u32(), r.u32()) {
         if len == 0 {
             return Err(Error::Protocol("block status extent of length 0".into()));
         }
@@ -350,12 +335,15 @@ pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), Erro
 /// Encode a compact request header.
 pub fn encode_request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
     let mut b = [0u8; 28];
-    b[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&flags.to_be_bytes());
-    b[6..8].copy_from_slice(&command.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&offset.to_be_bytes());
-    b[24..28].copy_from_slice(&len.to_be_bytes());
+    // 4 + 2 + 2 + 8 + 8 + 4 bytes: exactly the array, which `BufMut` on a
+    // slice needs (it panics past the end).
+    let mut w = &mut b[..];
+    w.put_u32(NBD_REQUEST_MAGIC);
+    w.put_u16(flags);
+    w.put_u16(command);
+    w.put_u64(cookie);
+    w.put_u64(offset);
+    w.put_u32(len);
     b
 }
 

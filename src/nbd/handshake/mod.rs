@@ -17,7 +17,7 @@ use super::mode::ReplyMode;
 use super::tls::{ServerTls, TlsMode};
 use crate::backend::Backend;
 use crate::shutdown::Shutdown;
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -112,10 +112,10 @@ pub async fn greet<S>(stream: &mut S, tls: TlsMode) -> Result<Option<Session>, P
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut greeting = [0u8; 18];
-    greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting[16..18].copy_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
+    let mut greeting = BytesMut::with_capacity(18);
+    greeting.put_u64(NBDMAGIC);
+    greeting.put_u64(IHAVEOPT);
+    greeting.put_u16(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     stream.write_all(&greeting).await?;
     stream.flush().await?;
 
@@ -248,18 +248,15 @@ where
     )))
 }
 
+/// Magic, option code and payload length.
 fn parse_option_header(head: &[u8; 16]) -> (u64, u32, u32) {
-    let mut magic = [0u8; 8];
-    magic.copy_from_slice(&head[0..8]);
-    let mut code = [0u8; 4];
-    code.copy_from_slice(&head[8..12]);
-    let mut len = [0u8; 4];
-    len.copy_from_slice(&head[12..16]);
-    (
-        u64::from_be_bytes(magic),
-        u32::from_be_bytes(code),
-        u32::from_be_bytes(len),
-    )
+    // 8 + 4 + 4 bytes: the array's type fixes the length, so `Buf` cannot
+    // run short here.
+    let mut b = &head[..];
+    let magic = b.get_u64();
+    let code = b.get_u32();
+    let len = b.get_u32();
+    (magic, code, len)
 }
 
 enum Step<B> {

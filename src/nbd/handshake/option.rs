@@ -2,6 +2,7 @@
 //! not an error; malformed ones carry the reason for `NBD_REP_ERR_INVALID`.
 
 use crate::nbd::consts::*;
+use crate::wire::{Reader, WireError};
 
 /// Longest string (export name, context query) accepted.
 pub const MAX_STRING: usize = 4096;
@@ -60,51 +61,22 @@ pub enum OptionRequest {
     Unknown(u32),
 }
 
-/// A bounds-checked reader over an option payload.
-struct Cursor<'a> {
-    data: &'a [u8],
+/// Why a payload ran short or long, as the client is told.
+fn reason(e: WireError) -> String {
+    match e {
+        WireError::Short { .. } => format!("{e} in the option"),
+        WireError::Trailing(_) => e.to_string(),
+    }
 }
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if n > self.data.len() {
-            return Err(format!(
-                "needs {n} more bytes, {} left in the option",
-                self.data.len()
-            ));
-        }
-        let (head, rest) = self.data.split_at(n);
-        self.data = rest;
-        Ok(head)
+/// A u32 length, then that many bytes of UTF-8.
+fn string(r: &mut Reader<'_>, what: &str) -> Result<String, String> {
+    let len = r.u32().map_err(reason)? as usize;
+    if len > MAX_STRING {
+        return Err(format!("{what} is {len} bytes, more than {MAX_STRING}"));
     }
-
-    fn u16(&mut self) -> Result<u16, String> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// A u32 length, then that many bytes of UTF-8.
-    fn string(&mut self, what: &str) -> Result<String, String> {
-        let len = self.u32()? as usize;
-        if len > MAX_STRING {
-            return Err(format!("{what} is {len} bytes, more than {MAX_STRING}"));
-        }
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
-    }
-
-    fn end(&self) -> Result<(), String> {
-        if self.data.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{} trailing bytes", self.data.len()))
-        }
-    }
+    let bytes = r.bytes(len).map_err(reason)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
 }
 
 /// Parse one option.
@@ -146,32 +118,32 @@ pub fn parse_option(code: u32, data: &[u8]) -> OptionRequest {
 }
 
 fn parse_info(data: &[u8]) -> Result<InfoRequest, String> {
-    let mut c = Cursor { data };
-    let name = c.string("export name")?;
-    let count = c.u16()? as usize;
+    let mut r = Reader::new(data);
+    let name = string(&mut r, "export name")?;
+    let count = r.u16().map_err(reason)? as usize;
     if count > MAX_ITEMS {
         return Err(format!("{count} info requests"));
     }
     let mut requests = Vec::with_capacity(count);
     for _ in 0..count {
-        requests.push(c.u16()?);
+        requests.push(r.u16().map_err(reason)?);
     }
-    c.end()?;
+    r.finish().map_err(reason)?;
     Ok(InfoRequest { name, requests })
 }
 
 fn parse_meta(data: &[u8]) -> Result<MetaRequest, String> {
-    let mut c = Cursor { data };
-    let name = c.string("export name")?;
-    let count = c.u32()? as usize;
+    let mut r = Reader::new(data);
+    let name = string(&mut r, "export name")?;
+    let count = r.u32().map_err(reason)? as usize;
     if count > MAX_ITEMS {
         return Err(format!("{count} queries"));
     }
     let mut queries = Vec::with_capacity(count);
     for _ in 0..count {
-        queries.push(c.string("context query")?);
+        queries.push(string(&mut r, "context query")?);
     }
-    c.end()?;
+    r.finish().map_err(reason)?;
     Ok(MetaRequest { name, queries })
 }
 
@@ -222,6 +194,24 @@ mod tests {
             parse_option(NBD_OPT_SET_META_CONTEXT, &data),
             OptionRequest::Malformed { .. }
         ));
+    }
+
+    #[test]
+    fn malformed_reasons() {
+        let why = |data: &[u8]| match parse_option(NBD_OPT_GO, data) {
+            OptionRequest::Malformed { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            why(&[0, 0, 0, 9, b'a', 0, 0]),
+            "needs 9 more bytes, 3 left in the option"
+        );
+        assert_eq!(
+            why(&[0, 0, 0, 0, 0]),
+            "needs 2 more bytes, 1 left in the option"
+        );
+        assert_eq!(why(&[0, 0, 0, 0, 0, 0, 7]), "1 trailing bytes");
+        assert_eq!(why(&[0, 0, 0, 1, 0xff, 0, 0]), "export name is not UTF-8");
     }
 
     #[test]

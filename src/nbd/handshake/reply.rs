@@ -33,10 +33,10 @@ pub fn encode_server(buf: &mut BytesMut, option: u32, name: &str, description: &
 
 /// NBD_REP_INFO with NBD_INFO_EXPORT.
 pub fn encode_info_export(buf: &mut BytesMut, option: u32, size: u64, flags: u16) {
-    let mut data = [0u8; 12];
-    data[0..2].copy_from_slice(&NBD_INFO_EXPORT.to_be_bytes());
-    data[2..10].copy_from_slice(&size.to_be_bytes());
-    data[10..12].copy_from_slice(&flags.to_be_bytes());
+    let mut data = BytesMut::with_capacity(12);
+    data.put_u16(NBD_INFO_EXPORT);
+    data.put_u64(size);
+    data.put_u16(flags);
     encode_reply(buf, option, NBD_REP_INFO, &data);
 }
 

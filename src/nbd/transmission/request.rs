@@ -4,6 +4,7 @@ use crate::backend::ZeroFlags;
 use crate::nbd::consts::*;
 use crate::nbd::error::{ProtocolError, RequestError};
 use crate::nbd::mode::ReplyMode;
+use crate::wire::{Reader, WireError};
 
 /// Size of a compact request header.
 pub const COMPACT_LEN: usize = 28;
@@ -48,32 +49,14 @@ impl RequestHeader {
 /// # Errors
 /// The magic does not match the negotiated header style.
 pub fn parse_request(buf: &[u8], mode: ReplyMode) -> Result<RequestHeader, ProtocolError> {
-    let rd32 = |at: usize| -> u32 {
-        let mut b = [0u8; 4];
-        if let Some(s) = buf.get(at..at + 4) {
-            b.copy_from_slice(s);
-        }
-        u32::from_be_bytes(b)
-    };
-    let rd16 = |at: usize| -> u16 {
-        let mut b = [0u8; 2];
-        if let Some(s) = buf.get(at..at + 2) {
-            b.copy_from_slice(s);
-        }
-        u16::from_be_bytes(b)
-    };
-    let rd64 = |at: usize| -> u64 {
-        let mut b = [0u8; 8];
-        if let Some(s) = buf.get(at..at + 8) {
-            b.copy_from_slice(s);
-        }
-        u64::from_be_bytes(b)
-    };
     let want = header_len(mode);
     if buf.len() < want {
         return Err(ProtocolError::violation("short request header"));
     }
-    let magic = rd32(0);
+    // The length is checked above: no read below runs short.
+    let short = |_: WireError| ProtocolError::violation("short request header");
+    let mut r = Reader::new(buf);
+    let magic = r.u32().map_err(short)?;
     let expected = if mode == ReplyMode::Extended {
         NBD_EXTENDED_REQUEST_MAGIC
     } else {
@@ -84,16 +67,20 @@ pub fn parse_request(buf: &[u8], mode: ReplyMode) -> Result<RequestHeader, Proto
             "bad request magic {magic:#010x}"
         )));
     }
+    let flags = r.u16().map_err(short)?;
+    let kind = r.u16().map_err(short)?;
+    let cookie = r.u64().map_err(short)?;
+    let offset = r.u64().map_err(short)?;
     let len = if mode == ReplyMode::Extended {
-        rd64(24)
+        r.u64().map_err(short)?
     } else {
-        u64::from(rd32(24))
+        u64::from(r.u32().map_err(short)?)
     };
     Ok(RequestHeader {
-        flags: rd16(4),
-        kind: rd16(6),
-        cookie: rd64(8),
-        offset: rd64(16),
+        flags,
+        kind,
+        cookie,
+        offset,
         len,
     })
 }
@@ -386,6 +373,21 @@ mod tests {
         assert_eq!(h.len, 1 << 33);
         assert_eq!(h.payload_len(ReplyMode::Extended), 1 << 33);
         assert!(parse_request(&bytes, ReplyMode::Structured).is_err());
+    }
+
+    #[test]
+    fn short_headers_are_protocol_errors() {
+        let b = compact(0, 0, 0, 0, 0);
+        for n in 0..b.len() {
+            let e = parse_request(&b[..n], ReplyMode::Simple).unwrap_err();
+            assert!(e.to_string().contains("short request header"), "{n}: {e}");
+        }
+        // A whole compact header is 4 bytes short of an extended one.
+        let mut ext = b;
+        ext[..4].copy_from_slice(&NBD_EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        assert!(parse_request(&ext, ReplyMode::Extended).is_err());
+        ext.extend_from_slice(&[0; 4]);
+        assert!(parse_request(&ext, ReplyMode::Extended).is_ok());
     }
 
     #[test]
