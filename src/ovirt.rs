@@ -163,6 +163,51 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// DiskBackup: whether a disk takes part in incremental backups.
+    DiskBackup {
+        /// Full backups only.
+        None = "none",
+        /// Checkpoints keep a dirty bitmap on the disk (QCOW2 only).
+        Incremental = "incremental",
+    }
+}
+
+wire_enum! {
+    /// DiskBackupMode: how a disk is backed up in one backup.
+    DiskBackupMode {
+        /// All data.
+        Full = "full",
+        /// Only what changed since the backup's `from_checkpoint_id`.
+        Incremental = "incremental",
+    }
+}
+
+wire_enum! {
+    /// BackupPhase.
+    BackupPhase {
+        /// Just added.
+        Initializing = "initializing",
+        /// Preparing the disks (checkpoint bitmaps).
+        Starting = "starting",
+        /// Disks may be downloaded.
+        Ready = "ready",
+        /// Finalize asked for; releasing the disks.
+        Finalizing = "finalizing",
+        /// Terminal: done.
+        Succeeded = "succeeded",
+        /// Terminal: failed.
+        Failed = "failed",
+    }
+}
+
+impl BackupPhase {
+    /// Whether the backup ended.
+    pub fn is_finished(self) -> bool {
+        matches!(self, BackupPhase::Succeeded | BackupPhase::Failed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,10 @@
 
 use super::State;
 use super::error::{Error, Result};
-use super::model::{Disk, DiskStatus, Format, Host, Phase, Transfer, new_id, now, parse_field};
+use super::model::{
+    Disk, DiskBackup, DiskBackupMode, DiskStatus, Format, Host, Phase, Transfer, new_id, now,
+    parse_field,
+};
 use super::transfer::{self, Action};
 use super::xml::{self, DiskIn, ImageTransferIn, Writer};
 use super::{disk::MAX_DISK_SIZE, sso};
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 mod search;
+mod vms;
 
 /// Largest request body we read.
 const MAX_BODY: usize = 1024 * 1024;
@@ -245,6 +249,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Reply> {
             transfer::act(state, id, action).await?;
             Ok(xml_reply(StatusCode::OK, xml::action_complete()))
         }
+        (_, ["vms", vm_rest @ ..]) => vms::route(state, &method, vm_rest, req, &path).await,
         (_, ["disks" | "storagedomains" | "hosts" | "imagetransfers", ..]) | (_, []) => {
             Err(not_allowed(&method, &path))
         }
@@ -276,6 +281,10 @@ fn api_root(state: &State) -> String {
             ("href", &format!("{}/storagedomains", state.base)),
             ("rel", "storagedomains"),
         ],
+    );
+    w.empty(
+        "link",
+        &[("href", &format!("{}/vms", state.base)), ("rel", "vms")],
     );
     w.open("product_info", &[]);
     w.text_element("name", "nbdbridge engine");
@@ -344,6 +353,15 @@ fn add_disk(state: &State, req: DiskIn) -> Result<Disk> {
             }
         }
     }
+    let backup = match req.backup.as_deref() {
+        None => DiskBackup::None,
+        Some(v) => parse_field("backup", v, DiskBackup::parse)?,
+    };
+    if backup == DiskBackup::Incremental && format != Format::Cow {
+        return Err(Error::BadRequest(
+            "Cannot add Virtual Disk: incremental backup needs a disk in cow (QCOW2) format".into(),
+        ));
+    }
     let name = req.name.or(req.alias).unwrap_or_default();
     if name.len() > 255 {
         return Err(Error::BadRequest(
@@ -380,6 +398,7 @@ fn add_disk(state: &State, req: DiskIn) -> Result<Disk> {
         format,
         provisioned_size,
         status: DiskStatus::Ok,
+        backup,
     };
     state.images.create(&disk)?;
     if let Err(e) = state.db.insert_disk(&disk) {
@@ -391,11 +410,20 @@ fn add_disk(state: &State, req: DiskIn) -> Result<Disk> {
 }
 
 fn disk_xml(w: &mut Writer, state: &State, d: &Disk) {
+    disk_xml_as(w, state, d, None);
+}
+
+/// A disk; in a backup's disk list, with how the backup takes it.
+fn disk_xml_as(w: &mut Writer, state: &State, d: &Disk, mode: Option<DiskBackupMode>) {
     let href = format!("{}/disks/{}", state.base, d.id);
     let (actual, apparent) = state.images.sizes(&d.id);
     w.open("disk", &[("href", &href), ("id", &d.id)]);
     w.value("actual_size", actual);
     w.text_element("alias", &d.name);
+    w.text_element("backup", d.backup.as_str());
+    if let Some(mode) = mode {
+        w.text_element("backup_mode", mode.as_str());
+    }
     w.text_element("content_type", "data");
     w.text_element("description", &d.description);
     w.text_element("format", d.format.as_str());
@@ -472,7 +500,7 @@ fn host_xml(w: &mut Writer, state: &State, h: &Host) {
     w.open("host", &[("href", &href), ("id", &h.id)]);
     w.text_element("address", address);
     w.text_element("name", &h.name);
-    w.text_element("status", "up");
+    w.text_element("status", state.host_status.get(&h.id).as_str());
     w.close("host");
 }
 
@@ -560,6 +588,9 @@ fn transfer_xml(w: &mut Writer, state: &State, t: &Transfer, follow: &Follow) ->
         ),
     }
     w.empty("image", &[("id", &t.disk_id)]);
+    if !t.backup_id.is_empty() {
+        w.empty("backup", &[("id", &t.backup_id)]);
+    }
     w.close("image_transfer");
     Ok(())
 }

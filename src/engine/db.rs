@@ -1,4 +1,5 @@
-//! The engine's state in SQLite: disks, hosts, transfers and SSO tokens.
+//! The engine's state in SQLite: disks, hosts, transfers and SSO tokens;
+//! VMs, backups and checkpoints in `db/backup.rs`.
 //!
 //! One connection behind a `std::sync::Mutex`: every query is short and
 //! none is held across an `.await`. Changes of a transfer go through
@@ -16,10 +17,14 @@
 //! `finalizing_success` or a locked disk.
 
 use super::error::{Error, Result};
-use super::model::{Direction, Disk, DiskStatus, Format, Host, Phase, TimeoutPolicy, Transfer};
+use super::model::{
+    Direction, Disk, DiskBackup, DiskStatus, Format, Host, Phase, TimeoutPolicy, Transfer,
+};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
+
+mod backup;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks (
@@ -64,6 +69,73 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 ";
 
+/// Schema changes after [`SCHEMA`], in order: migration `i` brings a
+/// database from `user_version` i to i + 1. A database of any version is
+/// brought to the last one at open, in one transaction per step.
+///
+/// [`SCHEMA`] stays as it was before migrations existed (`user_version`
+/// 0, which every database written by an earlier version has): a new
+/// database is created by it and then migrated like an old one, so both
+/// take the same path. Never edit a table in [`SCHEMA`]; add a step here.
+const MIGRATIONS: &[&str] = &[
+    // 1: VM backups (issue 11): VMs and their disks, backups, checkpoints.
+    "
+    ALTER TABLE disks ADD COLUMN backup TEXT NOT NULL DEFAULT 'none';
+    ALTER TABLE transfers ADD COLUMN backup_id TEXT NOT NULL DEFAULT '';
+    CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        description TEXT NOT NULL
+    );
+    CREATE TABLE disk_attachments (
+        vm_id TEXT NOT NULL,
+        disk_id TEXT NOT NULL UNIQUE,
+        PRIMARY KEY (vm_id, disk_id)
+    );
+    CREATE TABLE backups (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        from_checkpoint_id TEXT,
+        to_checkpoint_id TEXT,
+        description TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE TABLE backup_disks (
+        backup_id TEXT NOT NULL,
+        disk_id TEXT NOT NULL,
+        PRIMARY KEY (backup_id, disk_id)
+    );
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL,
+        parent_id TEXT,
+        created INTEGER NOT NULL,
+        description TEXT NOT NULL
+    );
+    CREATE TABLE checkpoint_disks (
+        checkpoint_id TEXT NOT NULL,
+        disk_id TEXT NOT NULL,
+        PRIMARY KEY (checkpoint_id, disk_id)
+    );
+    ",
+];
+
+/// Bring the schema to the last version (see [`MIGRATIONS`]).
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
 /// The database handle.
 #[derive(Debug)]
 pub struct Db {
@@ -104,14 +176,15 @@ fn disk_from_row(row: &Row<'_>) -> rusqlite::Result<Disk> {
         format: enum_col(row, 3, "format", Format::parse)?,
         provisioned_size: u64_col(row, 4)?,
         status: enum_col(row, 5, "status", DiskStatus::parse)?,
+        backup: enum_col(row, 6, "backup", DiskBackup::parse)?,
     })
 }
 
-const DISK_COLS: &str = "id, name, description, format, provisioned_size, status";
+const DISK_COLS: &str = "id, name, description, format, provisioned_size, status, backup";
 
 const TRANSFER_COLS: &str = "id, disk_id, host_id, direction, format, phase, ticket_id, \
     ticket_size, ticket_installed, ticket_expires, inactivity_timeout, timeout_policy, \
-    transferred, active, shallow, updated, finished_at, failures, message";
+    transferred, active, shallow, updated, finished_at, failures, message, backup_id";
 
 fn transfer_from_row(row: &Row<'_>) -> rusqlite::Result<Transfer> {
     Ok(Transfer {
@@ -134,6 +207,7 @@ fn transfer_from_row(row: &Row<'_>) -> rusqlite::Result<Transfer> {
         finished_at: row.get(16)?,
         failures: row.get(17)?,
         message: row.get(18)?,
+        backup_id: row.get(19)?,
     })
 }
 
@@ -181,7 +255,7 @@ fn write_transfer(conn: &Connection, t: &Transfer) -> rusqlite::Result<()> {
     conn.execute(
         &format!(
             "INSERT OR REPLACE INTO transfers ({TRANSFER_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
         ),
         params![
             t.id,
@@ -203,9 +277,21 @@ fn write_transfer(conn: &Connection, t: &Transfer) -> rusqlite::Result<()> {
             t.finished_at,
             t.failures,
             t.message,
+            t.backup_id,
         ],
     )?;
     Ok(())
+}
+
+/// Delete a disk row and its attachment to a VM, in one transaction.
+fn remove_disk_row(conn: &mut Connection, id: &str) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM disks WHERE id = ?1", params![id])?;
+    tx.execute(
+        "DELETE FROM disk_attachments WHERE disk_id = ?1",
+        params![id],
+    )?;
+    tx.commit()
 }
 
 fn read_transfer(conn: &Connection, id: &str) -> rusqlite::Result<Option<Transfer>> {
@@ -238,9 +324,10 @@ impl Db {
             name.push(side);
             super::private::narrow_file(Path::new(&name))?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Db {
             conn: Mutex::new(conn),
         })
@@ -265,14 +352,15 @@ impl Db {
     /// Store a new disk.
     pub fn insert_disk(&self, d: &Disk) -> Result<()> {
         self.lock().execute(
-            &format!("INSERT INTO disks ({DISK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+            &format!("INSERT INTO disks ({DISK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
             params![
                 d.id,
                 d.name,
                 d.description,
                 d.format.as_str(),
                 d.provisioned_size as i64,
-                d.status.as_str()
+                d.status.as_str(),
+                d.backup.as_str()
             ],
         )?;
         Ok(())
@@ -305,22 +393,19 @@ impl Db {
     /// Delete a disk row unless a transfer holds it; `Ok(false)` if it is held
     /// (the disk is locked), NotFound if unknown.
     pub fn delete_disk_if_free(&self, id: &str) -> Result<bool> {
-        let conn = self.lock();
+        let mut conn = self.lock();
         let disk = read_disk(&conn, id)?
             .ok_or_else(|| Error::NotFound(format!("Entity not found: {id}")))?;
         if disk.status == DiskStatus::Locked {
             return Ok(false);
         }
-        conn.execute("DELETE FROM disks WHERE id = ?1", params![id])?;
+        remove_disk_row(&mut conn, id)?;
         Ok(true)
     }
 
     /// Delete a disk row unconditionally.
     pub fn delete_disk(&self, id: &str) -> Result<()> {
-        durably(&mut self.lock(), |conn| {
-            conn.execute("DELETE FROM disks WHERE id = ?1", params![id])?;
-            Ok(())
-        })
+        durably(&mut self.lock(), |conn| Ok(remove_disk_row(conn, id)?))
     }
 
     // ---- hosts ----
@@ -454,6 +539,7 @@ mod tests {
             format: Format::Raw,
             provisioned_size: 1 << 20,
             status: DiskStatus::Ok,
+            backup: DiskBackup::None,
         }
     }
 
@@ -478,6 +564,7 @@ mod tests {
             finished_at: 0,
             failures: 0,
             message: String::new(),
+            backup_id: String::new(),
         }
     }
 

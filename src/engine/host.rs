@@ -78,6 +78,75 @@ pub struct TicketStatus {
     pub connections: u64,
 }
 
+/// How long a health probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The ticket id probes ask for: any answer, even 404, means the control
+/// API is up.
+pub(crate) const PROBE_TICKET: &str = "00000000-0000-4000-8000-000000000000";
+
+/// A host's status as the API shows it (oVirt's HostStatus values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostStatus {
+    /// Its control API answers.
+    Up,
+    /// Its control API did not answer the last check.
+    NonResponsive,
+}
+
+impl HostStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Up => "up",
+            HostStatus::NonResponsive => "non_responsive",
+        }
+    }
+}
+
+/// The status of each host, kept by a periodic check of its control API
+/// ([`check_hosts`]). A host never checked is `non_responsive`.
+#[derive(Debug, Default)]
+pub struct HostStatuses {
+    map: std::sync::Mutex<std::collections::HashMap<String, HostStatus>>,
+}
+
+impl HostStatuses {
+    /// The status of host `id`.
+    pub fn get(&self, id: &str) -> HostStatus {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).copied().unwrap_or(HostStatus::NonResponsive)
+    }
+
+    fn set(&self, id: &str, status: HostStatus) -> Option<HostStatus> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(id.to_string(), status)
+    }
+}
+
+/// Probe every host's control API (at once) and record its status; a
+/// change is logged.
+pub async fn check_hosts(hosts: &[Host], statuses: &HostStatuses) {
+    let mut probes = tokio::task::JoinSet::new();
+    for h in hosts {
+        let h = h.clone();
+        probes.spawn(async move {
+            let up = Control::new(h.clone()).probe().await;
+            (h, up)
+        });
+    }
+    while let Some(done) = probes.join_next().await {
+        let Ok((h, up)) = done else { continue };
+        let status = if up {
+            HostStatus::Up
+        } else {
+            HostStatus::NonResponsive
+        };
+        if statuses.set(&h.id, status) != Some(status) {
+            tracing::info!(host = %h.name, status = status.as_str(), "host status");
+        }
+    }
+}
+
 /// A control API client for one host.
 #[derive(Debug, Clone)]
 pub struct Control {
@@ -151,6 +220,13 @@ impl Control {
         }
         let text = String::from_utf8_lossy(body);
         Err(self.fail(format!("{op}: {status} {}", text.trim())))
+    }
+
+    /// Whether the control API answers at all (any HTTP status).
+    pub async fn probe(&self) -> bool {
+        self.call(Method::GET, PROBE_TICKET, None, PROBE_TIMEOUT)
+            .await
+            .is_ok()
     }
 
     /// Install (or replace) a ticket.

@@ -1,15 +1,20 @@
 //! The engine-compatible control plane (`nbdbridge engine`): the parts of
 //! the oVirt REST API v4 that image transfers need (disks, storage
-//! domains, hosts, image transfers) plus the SSO login, spoken exactly as
-//! the oVirt Python SDK expects (see `shared/ENGINE-API.md`).
+//! domains, hosts, image transfers), VM backups (VMs, disk attachments,
+//! backups, checkpoints), plus the SSO login, spoken exactly as the oVirt
+//! Python SDK expects (see `shared/ENGINE-API.md`).
 //!
 //! # Layout
 //! - `api`: routing, authentication, XML rendering of each resource.
 //! - `sso`: `/ovirt-engine/sso/oauth/token` and `/services/sso-logout`.
 //! - `transfer`: the phase machine; one driver task per live transfer.
-//! - `host`: the ticket control API client for data servers.
+//! - `backup`: VM backups and checkpoints (QCOW2 dirty bitmaps); one
+//!   driver task per backup that has not ended.
+//! - `host`: the ticket control API client for data servers, and their
+//!   status (a probe of the control API every [`Timing::host_check`]).
 //! - `disk`: image files and finalize verification (QCOW2 header checks).
-//! - `qemu`: qemu-nbd for guest-data (`format=raw`) transfers of QCOW2 disks.
+//! - `qemu`: qemu-nbd for guest-data (`format=raw`) transfers of QCOW2
+//!   disks, and `qemu-img bitmap` for checkpoints.
 //! - `db`: state in SQLite, so a restart loses nothing.
 //! - `error`: `engine::Error` and its only mapping to a status + `<fault>`.
 //! - `model`, `xml`: entities, wire enums, XML in and out.
@@ -21,6 +26,7 @@
 //! `cli/engine.rs`).
 
 mod api;
+mod backup;
 mod db;
 mod disk;
 pub mod embedded;
@@ -110,6 +116,8 @@ pub struct Timing {
     pub keep_succeeded: Duration,
     /// How long failed transfers stay readable (30 min).
     pub keep_failed: Duration,
+    /// How often the hosts' control APIs are probed for their status.
+    pub host_check: Duration,
 }
 
 impl Default for Timing {
@@ -120,6 +128,7 @@ impl Default for Timing {
             inactivity_timeout: 60,
             keep_succeeded: Duration::from_secs(15 * 60),
             keep_failed: Duration::from_secs(30 * 60),
+            host_check: Duration::from_secs(5),
         }
     }
 }
@@ -200,6 +209,7 @@ pub(crate) struct State {
     images: Images,
     nbd: qemu::NbdServers,
     hosts: Vec<Host>,
+    host_status: host::HostStatuses,
     config: Timing,
     password: String,
     base: String,
@@ -370,6 +380,7 @@ impl Engine {
             images,
             nbd,
             hosts,
+            host_status: host::HostStatuses::default(),
             config: config.timing.clone(),
             password,
             base: "/ovirt-engine/api".to_string(),
@@ -382,6 +393,15 @@ impl Engine {
                 let id = t.id.clone();
                 transfer::check_at_start(&state, t).await;
                 transfer::spawn_driver(state.clone(), id);
+            }
+        }
+        // Know which hosts are up before the first transfer picks one.
+        host::check_hosts(&state.hosts, &state.host_status).await;
+        spawn_host_monitor(state.clone());
+        for b in state.db.backups(None)? {
+            if !b.phase.is_finished() {
+                tracing::info!(backup = %b.id, phase = %b.phase, "resuming the backup driver");
+                backup::spawn_driver(state.clone(), b.id);
             }
         }
         spawn_janitor(state.clone());
@@ -482,6 +502,20 @@ where
     }
 }
 
+/// Keep the hosts' status: probe their control APIs every
+/// [`Timing::host_check`].
+fn spawn_host_monitor(state: Arc<State>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(state.config.host_check) => {}
+                _ = state.shutdown.wait() => break,
+            }
+            host::check_hosts(&state.hosts, &state.host_status).await;
+        }
+    });
+}
+
 /// Forget finished transfers after their keep time.
 fn spawn_janitor(state: Arc<State>) {
     tokio::spawn(async move {
@@ -546,11 +580,15 @@ mod tests {
                         let record = record.clone();
                         async move {
                             let method = req.method().to_string();
+                            // Host status probes are not part of a transfer.
+                            let probe = req.uri().path().ends_with(host::PROBE_TICKET);
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            record.lock().unwrap().push((
-                                method.clone(),
-                                String::from_utf8_lossy(&body).into_owned(),
-                            ));
+                            if !probe {
+                                record.lock().unwrap().push((
+                                    method.clone(),
+                                    String::from_utf8_lossy(&body).into_owned(),
+                                ));
+                            }
                             if method == "PUT" {
                                 tokio::time::sleep(fake.put_delay).await;
                             }
@@ -634,6 +672,7 @@ mod tests {
             format: model::Format::Raw,
             provisioned_size: 1 << 20,
             status: model::DiskStatus::Ok,
+            backup: model::DiskBackup::None,
         };
         state.images.create(&disk).unwrap();
         state.db.insert_disk(&disk).unwrap();
@@ -819,6 +858,7 @@ mod tests {
             format: model::Format::Cow,
             provisioned_size: 1 << 20,
             status: model::DiskStatus::Ok,
+            backup: model::DiskBackup::None,
         };
         state.images.create(&cow).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
@@ -841,6 +881,90 @@ mod tests {
         let text = format!("{state:?}");
         assert!(!text.contains(&state.password), "{text}");
         assert!(text.contains("password: \"<redacted>\""), "{text}");
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfers_without_a_host_go_to_a_host_that_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let _seen = fake_control(socket.clone(), Fake::default()).await;
+        let spec = |name: &str, control_socket: PathBuf| HostSpec {
+            name: name.into(),
+            control_socket,
+            data_url: "http://127.0.0.1:9".into(),
+        };
+        let config = EngineConfig {
+            data_dir: dir.path().join("engine"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            password_file: None,
+            // The dead host is registered first.
+            hosts: vec![
+                spec("dead", dir.path().join("nobody.sock")),
+                spec("fake", socket),
+            ],
+            timing: Timing::default(),
+            tls: None,
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+        };
+        let engine = Engine::start(config, Shutdown::new()).await.unwrap();
+        let state = engine.state.clone();
+        let (dead, up) = (state.hosts[0].clone(), state.hosts[1].clone());
+        assert_eq!(
+            state.host_status.get(&dead.id),
+            host::HostStatus::NonResponsive
+        );
+        assert_eq!(state.host_status.get(&up.id), host::HostStatus::Up);
+        let (_, t) = disk_and_transfer(&state, None);
+        assert_eq!(t.host_id, up.id);
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_holds_its_disks_until_finalized() {
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
+        let disk = model::Disk {
+            id: model::new_id(),
+            name: "b".into(),
+            description: String::new(),
+            format: model::Format::Raw,
+            provisioned_size: 1 << 20,
+            status: model::DiskStatus::Ok,
+            backup: model::DiskBackup::None,
+        };
+        state.images.create(&disk).unwrap();
+        state.db.insert_disk(&disk).unwrap();
+        let vm = model::Vm {
+            id: model::new_id(),
+            name: "vm".into(),
+            description: String::new(),
+        };
+        state.db.insert_vm(&vm).unwrap();
+        state.db.attach_disk(&vm.id, &disk.id).unwrap();
+        let b = backup::add(&state, &vm.id, xml::BackupIn::default()).unwrap();
+        // A raw disk takes no part in incremental backups: no checkpoint.
+        assert_eq!(b.to_checkpoint_id, None);
+        assert_eq!(b.disks, [disk.id.clone()]);
+        let phase = || state.db.backup(&b.id).unwrap().unwrap().phase;
+        let status = || state.db.disk(&disk.id).unwrap().unwrap().status;
+        assert_eq!(status(), model::DiskStatus::Locked);
+        wait_for("ready", || phase() == model::BackupPhase::Ready).await;
+        // One backup of a VM at a time.
+        assert!(matches!(
+            backup::add(&state, &vm.id, xml::BackupIn::default()),
+            Err(Error::Conflict(_))
+        ));
+        backup::finalize(&state, &vm.id, &b.id).unwrap();
+        wait_for("succeeded", || phase() == model::BackupPhase::Succeeded).await;
+        assert_eq!(status(), model::DiskStatus::Ok);
+        // Finalizing again changes nothing.
+        backup::finalize(&state, &vm.id, &b.id).unwrap();
+        assert!(state.db.checkpoints(&vm.id).unwrap().is_empty());
         state.shutdown.trigger();
     }
 

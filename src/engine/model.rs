@@ -1,9 +1,12 @@
-//! The engine's entities (disks, hosts, transfers) and their enums, with
-//! the exact lower-case wire names the SDK expects.
+//! The engine's entities (disks, hosts, transfers, VMs, backups,
+//! checkpoints) and their enums, with the exact lower-case wire names the
+//! SDK expects.
 
 use super::error::{Error, Result};
 
-pub use crate::ovirt::{Direction, DiskStatus, Format, Phase, TimeoutPolicy};
+pub use crate::ovirt::{
+    BackupPhase, Direction, DiskBackup, DiskBackupMode, DiskStatus, Format, Phase, TimeoutPolicy,
+};
 
 /// Parse a wire enum from a request, or a 400 naming the field.
 pub fn parse_field<T>(field: &str, value: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
@@ -25,6 +28,8 @@ pub struct Disk {
     pub provisioned_size: u64,
     /// ok, locked or illegal.
     pub status: DiskStatus,
+    /// Whether checkpoints track its changes (`incremental`: QCOW2 only).
+    pub backup: DiskBackup,
 }
 
 /// A data server registered as a host.
@@ -91,6 +96,64 @@ pub struct Transfer {
     pub failures: u32,
     /// Why it failed, if it did (logged and kept for the operator).
     pub message: String,
+    /// The backup it downloads a disk of (empty: none).
+    pub backup_id: String,
+}
+
+/// A virtual machine: a name and its disks (it never runs here, so every
+/// backup of it is a cold backup, as oVirt does for a VM that is down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// UUID.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+}
+
+/// A VM backup (`/vms/ID/backups/ID`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// UUID.
+    pub id: String,
+    /// The VM.
+    pub vm_id: String,
+    /// Current phase.
+    pub phase: BackupPhase,
+    /// Incremental from this checkpoint (none: full).
+    pub from_checkpoint_id: Option<String>,
+    /// The checkpoint this backup creates (none when no disk of it is
+    /// enabled for incremental backup).
+    pub to_checkpoint_id: Option<String>,
+    /// Free text.
+    pub description: String,
+    /// The disks backed up.
+    pub disks: Vec<String>,
+    /// Unix time of creation.
+    pub created: i64,
+    /// Unix time of the last change.
+    pub updated: i64,
+    /// Why it failed, if it did.
+    pub message: String,
+}
+
+/// A VM checkpoint: a persistent dirty bitmap named after it on each of
+/// its disks (enabled, so every later write through qemu marks it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// UUID, also the bitmap name.
+    pub id: String,
+    /// The VM.
+    pub vm_id: String,
+    /// The previous checkpoint of the VM, if any.
+    pub parent_id: Option<String>,
+    /// Unix time of creation.
+    pub created: i64,
+    /// Free text (the backup's description).
+    pub description: String,
+    /// The disks that carry its bitmap.
+    pub disks: Vec<String>,
 }
 
 impl std::fmt::Debug for Transfer {
@@ -105,6 +168,7 @@ impl std::fmt::Debug for Transfer {
             .field("ticket_installed", &self.ticket_installed)
             .field("transferred", &self.transferred)
             .field("message", &self.message)
+            .field("backup_id", &self.backup_id)
             .finish_non_exhaustive()
     }
 }

@@ -9,6 +9,7 @@
 
 use super::error::{Error, Result};
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -55,8 +56,17 @@ impl NbdServers {
         format!("nbd:unix:{}", self.socket(id).display())
     }
 
-    /// Make sure a qemu-nbd serves `image` (QCOW2) for transfer `id`.
-    pub async fn ensure(&self, id: &str, image: &Path, read_only: bool) -> Result<()> {
+    /// Make sure a qemu-nbd serves `image` (QCOW2) for transfer `id`;
+    /// with `bitmap`, the export also has the meta context
+    /// `qemu:dirty-bitmap:BITMAP` (`qemu-nbd -B`, read-only exports only:
+    /// qemu refuses an enabled bitmap on a writable export).
+    pub async fn ensure(
+        &self,
+        id: &str,
+        image: &Path,
+        read_only: bool,
+        bitmap: Option<&str>,
+    ) -> Result<()> {
         let socket = self.socket(id);
         if tokio::net::UnixStream::connect(&socket).await.is_ok() {
             return Ok(());
@@ -74,6 +84,9 @@ impl NbdServers {
             .arg("--discard=unmap");
         if read_only {
             cmd.arg("--read-only");
+        }
+        if let Some(name) = bitmap {
+            cmd.arg(format!("--bitmap={name}"));
         }
         cmd.arg(image)
             .stdin(Stdio::null())
@@ -199,4 +212,85 @@ pub fn create_qcow2(path: &Path, size: u64) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Run `qemu-img ARGS` and fail with its stderr.
+fn qemu_img(what: &str, args: &[&OsStr]) -> Result<String> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io("run qemu-img", e))?;
+    if !out.status.success() {
+        return Err(Error::io(
+            what.to_string(),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The names of the persistent dirty bitmaps of a QCOW2 image.
+pub fn bitmaps(path: &Path) -> Result<Vec<String>> {
+    let text = qemu_img(
+        "qemu-img info",
+        &[
+            OsStr::new("info"),
+            OsStr::new("-U"),
+            OsStr::new("--output=json"),
+            path.as_os_str(),
+        ],
+    )?;
+    let info: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::io(
+            "qemu-img info",
+            std::io::Error::other(format!("bad JSON: {e}")),
+        )
+    })?;
+    Ok(info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|b| b["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Add the persistent, enabled bitmap `name` to a QCOW2 image (replacing
+/// one of that name: a checkpoint starts empty). Every later write by
+/// qemu (qemu-nbd) marks it.
+pub fn add_bitmap(path: &Path, name: &str) -> Result<()> {
+    remove_bitmap(path, name)?;
+    qemu_img(
+        "qemu-img bitmap --add",
+        &[
+            OsStr::new("bitmap"),
+            OsStr::new("--add"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            path.as_os_str(),
+            OsStr::new(name),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Remove the bitmap `name` from a QCOW2 image, if it has it.
+pub fn remove_bitmap(path: &Path, name: &str) -> Result<()> {
+    if !bitmaps(path)?.iter().any(|b| b == name) {
+        return Ok(());
+    }
+    qemu_img(
+        "qemu-img bitmap --remove",
+        &[
+            OsStr::new("bitmap"),
+            OsStr::new("--remove"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            path.as_os_str(),
+            OsStr::new(name),
+        ],
+    )
+    .map(|_| ())
 }

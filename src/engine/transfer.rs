@@ -10,11 +10,13 @@
 
 use super::State;
 use super::error::{Error, Result};
+use super::host::HostStatus;
 use super::host::{Control, TicketSpec};
 use super::model::{
-    Direction, DiskStatus, Format, Phase, TimeoutPolicy, Transfer, new_id, now, parse_field,
+    Backup, BackupPhase, Direction, Disk, DiskBackupMode, DiskStatus, Format, Phase, TimeoutPolicy,
+    Transfer, new_id, now, parse_field,
 };
-use super::xml::ImageTransferIn;
+use super::xml::{IdRef, ImageTransferIn};
 use crate::telemetry::redact;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -34,13 +36,6 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
             "Cannot transfer Virtual Disk: transfers of disk snapshots are not supported \
              (snapshot {}); transfer the whole disk with <disk id=\"...\"/>",
             snapshot.id.as_deref().unwrap_or("without an id")
-        )));
-    }
-    if let Some(backup) = &req.backup {
-        return Err(Error::BadRequest(format!(
-            "Cannot transfer Virtual Disk: backup transfers are not supported \
-             (backup {}); download the whole disk without <backup>",
-            backup.id.as_deref().unwrap_or("without an id")
         )));
     }
     let disk_id = req
@@ -69,6 +64,10 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
             disk.id
         )));
     }
+    let backup = match &req.backup {
+        None => None,
+        Some(r) => Some(backup_of_transfer(state, r, &disk, direction, format)?),
+    };
     let inactivity_timeout = match req.inactivity_timeout.as_deref() {
         None => state.config.inactivity_timeout,
         Some(v) => v
@@ -98,9 +97,17 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
             let what = r.id.clone().or_else(|| r.name.clone()).unwrap_or_default();
             found.ok_or_else(|| Error::NotFound(format!("Entity not found: host {what}")))?
         }
-        None => state.hosts.first().ok_or_else(|| {
-            Error::Conflict("Cannot transfer Virtual Disk: no host is available".into())
-        })?,
+        // As oVirt, only a host that is up: the first one whose control
+        // API answered its last check.
+        None => state
+            .hosts
+            .iter()
+            .find(|h| state.host_status.get(&h.id) == HostStatus::Up)
+            .ok_or_else(|| {
+                Error::Conflict(
+                    "Cannot transfer Virtual Disk: no host is up (no data server answers)".into(),
+                )
+            })?,
     };
     let upload = direction == Direction::Upload;
     let t = Transfer {
@@ -123,11 +130,74 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
         finished_at: 0,
         failures: 0,
         message: String::new(),
+        backup_id: backup.map(|b| b.id).unwrap_or_default(),
     };
-    state.db.insert_transfer_locking_disk(&t)?;
+    if t.backup_id.is_empty() {
+        state.db.insert_transfer_locking_disk(&t)?;
+    } else {
+        // The backup holds the disk's lock.
+        state.db.insert_backup_transfer(&t)?;
+    }
     tracing::info!(transfer = %t.id, disk = %t.disk_id, host = %host.name, %direction, "transfer added");
     spawn_driver(state.clone(), t.id.clone());
     Ok(t)
+}
+
+/// The backup a download names, checked as the engine does: it exists
+/// (400), is ready (409), holds the disk (400); the transfer is a download
+/// (400) of guest data (`format=raw`, 400).
+fn backup_of_transfer(
+    state: &State,
+    r: &IdRef,
+    disk: &Disk,
+    direction: Direction,
+    format: Format,
+) -> Result<Backup> {
+    let id = r.id.as_deref().unwrap_or("");
+    let backup = state.db.backup(id)?.ok_or_else(|| {
+        Error::BadRequest(format!(
+            "Cannot transfer Virtual Disk: backup {id} does not exist."
+        ))
+    })?;
+    if backup.phase != BackupPhase::Ready {
+        return Err(Error::Conflict(format!(
+            "Cannot transfer Virtual Disk: backup {id} is not ready (phase {}).",
+            backup.phase
+        )));
+    }
+    if !backup.disks.contains(&disk.id) {
+        return Err(Error::BadRequest(format!(
+            "Cannot transfer Virtual Disk: disk {} is not part of backup {id}.",
+            disk.id
+        )));
+    }
+    if direction != Direction::Download {
+        return Err(Error::BadRequest(format!(
+            "Cannot transfer Virtual Disk: backup {id} can only be downloaded."
+        )));
+    }
+    if format != Format::Raw {
+        return Err(Error::BadRequest(format!(
+            "Cannot transfer Virtual Disk: format {format} is not applicable for backup; use raw."
+        )));
+    }
+    Ok(backup)
+}
+
+/// For a backup download: the checkpoint whose bitmap the export carries,
+/// when the disk is backed up incrementally.
+fn dirty_bitmap(state: &State, t: &Transfer) -> Result<Option<String>> {
+    if t.backup_id.is_empty() {
+        return Ok(None);
+    }
+    let (Some(b), Some(d)) = (state.db.backup(&t.backup_id)?, state.db.disk(&t.disk_id)?) else {
+        return Ok(None);
+    };
+    if super::backup::disk_mode(state, &b, &d)? == DiskBackupMode::Incremental {
+        Ok(b.from_checkpoint_id)
+    } else {
+        Ok(None)
+    }
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -235,9 +305,15 @@ fn nbd_backed(state: &State, t: &Transfer) -> Result<bool> {
 async fn ensure_backend(state: &State, t: &Transfer) -> Result<()> {
     if nbd_backed(state, t)? {
         let read_only = t.direction == Direction::Download;
+        let bitmap = dirty_bitmap(state, t)?;
         state
             .nbd
-            .ensure(&t.id, &state.images.path(&t.disk_id), read_only)
+            .ensure(
+                &t.id,
+                &state.images.path(&t.disk_id),
+                read_only,
+                bitmap.as_deref(),
+            )
             .await?;
     }
     Ok(())
@@ -289,7 +365,7 @@ fn ticket_spec(state: &State, t: &Transfer) -> Result<TicketSpec> {
         ops: vec![if upload { "write" } else { "read" }],
         inactivity_timeout: (t.inactivity_timeout > 0).then_some(t.inactivity_timeout),
         sparse: true,
-        dirty: false,
+        dirty: dirty_bitmap(state, t)?.is_some(),
         transfer_id: t.id.clone(),
         filename: (!upload).then(|| format!("{}.{ext}", disk.name)),
     })
@@ -422,7 +498,9 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
             };
             match verdict {
                 Ok(()) => {
-                    state.db.set_disk_status(&t.disk_id, DiskStatus::Ok)?;
+                    if t.backup_id.is_empty() {
+                        state.db.set_disk_status(&t.disk_id, DiskStatus::Ok)?;
+                    }
                     enter(state, &t, Phase::FinishedSuccess, |n| {
                         n.ticket_installed = false
                     })
@@ -445,7 +523,9 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
                 Direction::Upload => DiskStatus::Illegal,
                 Direction::Download => DiskStatus::Ok,
             };
-            state.db.set_disk_status(&t.disk_id, status)?;
+            if t.backup_id.is_empty() {
+                state.db.set_disk_status(&t.disk_id, status)?;
+            }
             enter(state, &t, Phase::FinishedCleanup, |n| {
                 n.ticket_installed = false
             })
@@ -459,7 +539,10 @@ async fn step(state: &Arc<State>, t: Transfer) -> Result<()> {
                     state.db.delete_disk(&t.disk_id)?;
                     tracing::info!(disk = %t.disk_id, "uploaded disk removed");
                 }
-                Direction::Download => state.db.set_disk_status(&t.disk_id, DiskStatus::Ok)?,
+                Direction::Download if t.backup_id.is_empty() => {
+                    state.db.set_disk_status(&t.disk_id, DiskStatus::Ok)?
+                }
+                Direction::Download => {}
             }
             enter(state, &t, Phase::FinishedFailure, |n| {
                 n.ticket_installed = false

@@ -70,6 +70,29 @@ impl Writer {
     }
 }
 
+/// Unix time `secs` as the API writes dates (`2026-11-30T13:05:20.000Z`;
+/// UTC, which the SDK's reader accepts).
+pub fn date(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.000Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// `<action><status>complete</status></action>`, the reply to every action.
 pub fn action_complete() -> String {
     let mut w = Writer::new();
@@ -111,7 +134,7 @@ pub struct ImageTransferIn {
     pub host: Option<IdRef>,
     /// A disk snapshot (not supported).
     pub snapshot: Option<IdRef>,
-    /// A backup (not supported).
+    /// The backup whose disk this downloads.
     pub backup: Option<IdRef>,
 }
 
@@ -141,6 +164,51 @@ pub struct DiskIn {
     pub provisioned_size: Option<String>,
     /// Where to create it; only `data` exists.
     pub storage_domains: Option<StorageDomainsIn>,
+    /// none | incremental
+    pub backup: Option<String>,
+}
+
+/// A list of `<disk id>` (the disks of a backup; the SDK example sends
+/// whole disks, of which only the id counts).
+#[derive(Debug, Default, Deserialize)]
+pub struct DisksIn {
+    /// The listed disks.
+    #[serde(default)]
+    pub disk: Vec<IdRef>,
+}
+
+/// The `<backup>` body of `POST /vms/ID/backups`.
+#[derive(Debug, Default, Deserialize)]
+pub struct BackupIn {
+    /// The id the client wants, or none for a new one.
+    #[serde(rename = "@id")]
+    pub id: Option<String>,
+    /// The disks; none: all disks of the VM.
+    pub disks: Option<DisksIn>,
+    /// Incremental from this checkpoint.
+    pub from_checkpoint_id: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// The `<vm>` body of `POST /vms`.
+#[derive(Debug, Default, Deserialize)]
+pub struct VmIn {
+    /// Unique name.
+    pub name: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Only `Default` exists.
+    pub cluster: Option<IdRef>,
+    /// Only `Blank` exists.
+    pub template: Option<IdRef>,
+}
+
+/// The `<disk_attachment>` body of `POST /vms/ID/diskattachments`.
+#[derive(Debug, Default, Deserialize)]
+pub struct DiskAttachmentIn {
+    /// The existing disk to attach.
+    pub disk: Option<IdRef>,
 }
 
 /// The local name of the document's root element.
@@ -197,6 +265,31 @@ mod tests {
     }
 
     #[test]
+    fn parses_a_backup_as_the_sdk_example_sends_it() {
+        let body = "<backup><description>b</description><from_checkpoint_id>C</from_checkpoint_id>\
+            <disks><disk href=\"/x\" id=\"D1\"><alias>a</alias><backup>incremental</backup>\
+            <storage_domains><storage_domain id=\"S\"/></storage_domains></disk>\
+            <disk id=\"D2\"/></disks></backup>";
+        let b: BackupIn = parse(body, "backup").unwrap();
+        let ids: Vec<_> = b
+            .disks
+            .unwrap()
+            .disk
+            .into_iter()
+            .map(|d| d.id.unwrap())
+            .collect();
+        assert_eq!(ids, ["D1", "D2"]);
+        assert_eq!(b.from_checkpoint_id.as_deref(), Some("C"));
+        let vm: VmIn = parse(
+            "<vm><cluster><name>Default</name></cluster><name>v</name><template><name>Blank</name></template></vm>",
+            "vm",
+        )
+        .unwrap();
+        assert_eq!(vm.cluster.unwrap().name.as_deref(), Some("Default"));
+        assert_eq!(vm.template.unwrap().name.as_deref(), Some("Blank"));
+    }
+
+    #[test]
     fn rejects_the_wrong_root_and_garbage() {
         assert!(matches!(
             parse::<DiskIn>("<vm/>", "disk"),
@@ -210,6 +303,14 @@ mod tests {
             parse::<DiskIn>("", "disk"),
             Err(Error::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(date(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(date(1_796_037_920), "2026-11-30T11:25:20.000Z");
+        assert_eq!(date(-1), "1969-12-31T23:59:59.000Z");
     }
 
     #[test]

@@ -123,8 +123,12 @@ fn http_surface_and_system_phases() {
         &big,
     );
     assert_eq!(status, 413);
-    let (status, _, reply) = http(&url, "GET", "/ovirt-engine/api/vms", tok, XML, b"");
+    let (status, _, reply) = http(&url, "GET", "/ovirt-engine/api/networks", tok, XML, b"");
     assert_eq!(status, 404, "{reply}");
+    // VMs exist (for backups); none yet.
+    let (status, _, reply) = http(&url, "GET", "/ovirt-engine/api/vms", tok, XML, b"");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply.trim(), "<vms></vms>", "{reply}");
     let (status, _, _) = http(&url, "PUT", "/ovirt-engine/api/disks", tok, XML, b"");
     assert_eq!(status, 405);
 

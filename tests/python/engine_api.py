@@ -1,6 +1,6 @@
 """API details that do not depend on the host: disk search (the SDK's
 `disks_service().list(search=...)`), and the faults for transfers the
-engine refuses (disk snapshots, backups).
+engine refuses (disk snapshots, unknown backups).
 
 usage: engine_api.py API_URL PASSWORD_FILE
 """
@@ -79,8 +79,7 @@ with connect(url, password_file) as connection:
         disk=types.Disk(id=a1.id), backup=types.Backup(id=backup),
         direction=types.ImageTransferDirection.DOWNLOAD,
         format=types.DiskFormat.RAW)),
-        "Cannot transfer Virtual Disk: backup transfers are not supported "
-        "(backup %s)" % backup)
+        "Cannot transfer Virtual Disk: backup %s does not exist." % backup)
     # Nothing was locked by the refused adds.
     assert disks_service.disk_service(a1.id).get().status == \
         types.DiskStatus.OK

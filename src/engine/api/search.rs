@@ -270,7 +270,7 @@ impl DiskQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::model::Format;
+    use crate::engine::model::{DiskBackup, Format};
 
     fn disk(name: &str, id: &str, status: DiskStatus) -> Disk {
         Disk {
@@ -280,6 +280,7 @@ mod tests {
             format: Format::Raw,
             provisioned_size: 1,
             status,
+            backup: DiskBackup::None,
         }
     }
 

@@ -1,0 +1,380 @@
+//! VM backups (oVirt 4.4+ model), done as oVirt does a backup of a VM
+//! that is down (a cold backup on a host with qemu-nbd):
+//!
+//! - a **checkpoint** is a persistent, enabled QCOW2 dirty bitmap named
+//!   after it, added to every disk of the backup that is enabled for
+//!   incremental backup (`qemu-img bitmap --add`); every later write
+//!   through qemu-nbd (uploads of guest data to a `cow` disk) marks it, so
+//!   the bitmap of checkpoint C holds every change since C;
+//! - a **backup** locks its disks, creates its checkpoint (`starting`),
+//!   then is `ready`: each disk is downloaded by an image transfer with
+//!   `<backup id>` (`format=raw`), served by a read-only qemu-nbd that
+//!   exports the bitmap of `from_checkpoint_id` (`qemu-nbd -B`), behind a
+//!   ticket with `"dirty": true`; `finalize` ends it and unlocks the disks.
+//!
+//! Phases: `initializing → starting → ready → finalizing → succeeded`
+//! (`failed` when the checkpoint cannot be created). A driver task per
+//! backup makes the system moves; all state is in the database, so an
+//! engine restarted mid-backup picks it up where it was.
+
+use super::State;
+use super::error::{Error, Result};
+use super::model::{
+    Backup, BackupPhase, Checkpoint, Disk, DiskBackup, DiskBackupMode, DiskStatus, Format, new_id,
+    now,
+};
+use super::qemu;
+use super::xml::BackupIn;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// `POST /vms/ID/backups`: validate, store (locking the disks), start the
+/// driver. The new backup is `initializing`.
+///
+/// # Errors
+/// 404 unknown VM; 400 a disk that is not the VM's, an unknown (or
+/// removed) `from_checkpoint_id`, a bad id; 409 a backup of the VM is
+/// running or a disk is locked.
+pub fn add(state: &Arc<State>, vm_id: &str, req: BackupIn) -> Result<Backup> {
+    let vm = state
+        .db
+        .vm(vm_id)?
+        .ok_or_else(|| Error::NotFound(format!("Entity not found: {vm_id}")))?;
+    let attached = state.db.vm_disks(&vm.id)?;
+    let wanted: Vec<String> = match &req.disks {
+        Some(list) if !list.disk.is_empty() => {
+            let mut ids = Vec::new();
+            for d in &list.disk {
+                let id = d.id.clone().ok_or_else(|| {
+                    Error::BadRequest("Cannot backup VM. A disk has no id.".into())
+                })?;
+                if !attached.iter().any(|a| a.id == id) {
+                    return Err(Error::BadRequest(format!(
+                        "Cannot backup VM. Disk {id} is not attached to VM {}.",
+                        vm.name
+                    )));
+                }
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            ids
+        }
+        _ => attached.iter().map(|d| d.id.clone()).collect(),
+    };
+    if wanted.is_empty() {
+        return Err(Error::BadRequest(format!(
+            "Cannot backup VM. VM {} has no disks.",
+            vm.name
+        )));
+    }
+    let from = match req.from_checkpoint_id.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(c) => {
+            let found = state.db.checkpoint(c)?.filter(|cp| cp.vm_id == vm.id);
+            if found.is_none() {
+                return Err(Error::BadRequest(format!(
+                    "Cannot backup VM. Checkpoint {c} does not exist (it was never created \
+                     or was removed); start a full backup without from_checkpoint_id."
+                )));
+            }
+            Some(c.to_string())
+        }
+    };
+    let id = match req.id.as_deref() {
+        None => new_id(),
+        Some(v) => {
+            let id = parse_uuid("id", v)?;
+            if state.db.backup(&id)?.is_some() {
+                return Err(Error::Conflict(format!(
+                    "Cannot backup VM. A backup with id {id} exists."
+                )));
+            }
+            id
+        }
+    };
+    let incremental = attached
+        .iter()
+        .any(|d| wanted.contains(&d.id) && d.backup == DiskBackup::Incremental);
+    let t = now();
+    let backup = Backup {
+        id,
+        vm_id: vm.id.clone(),
+        phase: BackupPhase::Initializing,
+        from_checkpoint_id: from,
+        to_checkpoint_id: incremental.then(new_id),
+        description: req.description.unwrap_or_default(),
+        disks: wanted,
+        created: t,
+        updated: t,
+        message: String::new(),
+    };
+    if backup.description.len() > 4096 {
+        return Err(Error::BadRequest(
+            "The backup description is longer than 4096 characters".into(),
+        ));
+    }
+    state.db.insert_backup_locking_disks(&backup)?;
+    tracing::info!(backup = %backup.id, vm = %vm.id, from = ?backup.from_checkpoint_id,
+        to = ?backup.to_checkpoint_id, "backup added");
+    spawn_driver(state.clone(), backup.id.clone());
+    Ok(backup)
+}
+
+/// A UUID in canonical form, or a 400 naming the field.
+pub fn parse_uuid(field: &str, v: &str) -> Result<String> {
+    uuid::Uuid::parse_str(v)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| {
+            Error::BadRequest(format!(
+                "Invalid value '{v}' for '{field}': expecting a UUID"
+            ))
+        })
+}
+
+/// The backup `id` of VM `vm_id`, or 404.
+pub fn find(state: &State, vm_id: &str, id: &str) -> Result<Backup> {
+    state
+        .db
+        .backup(id)?
+        .filter(|b| b.vm_id == vm_id)
+        .ok_or_else(|| Error::NotFound(format!("Entity not found: {id}")))
+}
+
+/// How `disk` is backed up by `backup`: incremental when the backup starts
+/// from a checkpoint that has the disk's bitmap and the disk is enabled for
+/// incremental backup; full otherwise (a disk added to the VM after the
+/// checkpoint, or a disk whose backup is `none`), as oVirt's mixed backups.
+pub fn disk_mode(state: &State, backup: &Backup, disk: &Disk) -> Result<DiskBackupMode> {
+    let Some(from) = &backup.from_checkpoint_id else {
+        return Ok(DiskBackupMode::Full);
+    };
+    if disk.backup != DiskBackup::Incremental || disk.format != Format::Cow {
+        return Ok(DiskBackupMode::Full);
+    }
+    let has_bitmap = state
+        .db
+        .checkpoint(from)?
+        .is_some_and(|c| c.disks.contains(&disk.id));
+    Ok(if has_bitmap {
+        DiskBackupMode::Incremental
+    } else {
+        DiskBackupMode::Full
+    })
+}
+
+/// `POST /vms/ID/backups/ID/finalize`: `ready → finalizing`; again on a
+/// backup that is finalizing or succeeded changes nothing (the SDK example
+/// may stop a backup twice).
+///
+/// # Errors
+/// 409 before the backup is ready, after it failed, or while a transfer of
+/// it is not finished (finalize the transfers first).
+pub fn finalize(state: &Arc<State>, vm_id: &str, id: &str) -> Result<()> {
+    find(state, vm_id, id)?;
+    let open: Vec<String> = state
+        .db
+        .transfers()?
+        .into_iter()
+        .filter(|t| t.backup_id == id && !t.phase.is_finished())
+        .map(|t| t.id)
+        .collect();
+    let b = state.db.update_backup(id, |b| match b.phase {
+        BackupPhase::Ready if !open.is_empty() => Err(Error::Conflict(format!(
+            "Cannot stop VM backup {}: image transfers {} are in progress; finalize them first.",
+            b.id,
+            open.join(", ")
+        ))),
+        BackupPhase::Ready => {
+            b.phase = BackupPhase::Finalizing;
+            b.updated = now();
+            Ok(())
+        }
+        BackupPhase::Finalizing | BackupPhase::Succeeded => Ok(()),
+        phase => Err(Error::Conflict(format!(
+            "Cannot stop VM backup {} in phase {phase}.",
+            b.id
+        ))),
+    })?;
+    tracing::info!(backup = %b.id, phase = %b.phase, "backup finalize");
+    state.wake(id);
+    Ok(())
+}
+
+/// `DELETE /vms/ID/checkpoints/ID`: remove the VM's oldest (root)
+/// checkpoint and its bitmaps, as oVirt allows only that one.
+///
+/// # Errors
+/// 404 unknown; 400 not the root; 409 a backup of the VM is running.
+pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Result<()> {
+    let all = state.db.checkpoints(vm_id)?;
+    let Some(pos) = all.iter().position(|c| c.id == id) else {
+        return Err(Error::NotFound(format!("Entity not found: {id}")));
+    };
+    if pos != 0 {
+        return Err(Error::BadRequest(format!(
+            "Cannot remove checkpoint {id}: only the VM's root checkpoint ({}) can be removed.",
+            all[0].id
+        )));
+    }
+    if let Some(b) = state
+        .db
+        .backups(Some(vm_id))?
+        .into_iter()
+        .find(|b| !b.phase.is_finished())
+    {
+        return Err(Error::Conflict(format!(
+            "Cannot remove checkpoint {id}: backup {} of the VM is in progress.",
+            b.id
+        )));
+    }
+    let cp = all[0].clone();
+    let mut paths = Vec::new();
+    for d in &cp.disks {
+        match state.db.disk(d)? {
+            None => {}
+            Some(disk) if disk.status == DiskStatus::Locked => {
+                return Err(Error::Conflict(format!(
+                    "Cannot remove checkpoint {id}: disk {d} is locked. Please try again in a few minutes."
+                )));
+            }
+            Some(_) => paths.push(state.images.path(d)),
+        }
+    }
+    let name = cp.id.clone();
+    tokio::task::spawn_blocking(move || {
+        for p in paths {
+            qemu::remove_bitmap(&p, &name)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .map_err(|e| Error::io("remove bitmaps", std::io::Error::other(e.to_string())))??;
+    state.db.delete_checkpoint(&cp.id)?;
+    tracing::info!(checkpoint = %cp.id, vm = %vm_id, "checkpoint removed");
+    Ok(())
+}
+
+/// Start the driver of backup `id` (at add, and at engine start for every
+/// backup that has not ended).
+pub fn spawn_driver(state: Arc<State>, id: String) {
+    let notify = state.register_waker(&id);
+    let span = tracing::info_span!(parent: None, "backup", backup = %id);
+    tokio::spawn(
+        async move {
+            loop {
+                if state.shutdown.is_triggered() {
+                    break;
+                }
+                match state.db.backup(&id) {
+                    Ok(Some(b)) if b.phase.is_finished() => break,
+                    Ok(Some(b)) => {
+                        if let Err(e) = step(&state, b).await {
+                            tracing::warn!(error = %e, "backup step failed; retrying");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => tracing::error!(error = %e, "cannot read backup"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(state.config.tick) => {}
+                    _ = notify.notified() => {}
+                    _ = state.shutdown.wait() => break,
+                }
+            }
+            state.unregister_waker(&id);
+        }
+        .instrument(span),
+    );
+}
+
+/// Move backup `b` on if its phase is still `seen`.
+fn enter(state: &State, b: &Backup, to: BackupPhase, message: Option<String>) -> Result<()> {
+    let seen = b.phase;
+    let moved = state.db.update_backup(&b.id, |n| {
+        if n.phase != seen {
+            return Err(Error::Conflict(String::new()));
+        }
+        n.phase = to;
+        n.updated = now();
+        if let Some(m) = message {
+            n.message = m;
+        }
+        Ok(())
+    });
+    match moved {
+        Ok(_) => {
+            tracing::info!(from = %seen, to = %to, "backup phase");
+            Ok(())
+        }
+        Err(Error::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One system move from the current phase, if any is due.
+async fn step(state: &Arc<State>, b: Backup) -> Result<()> {
+    match b.phase {
+        BackupPhase::Initializing => enter(state, &b, BackupPhase::Starting, None),
+        BackupPhase::Starting => match create_checkpoint(state, &b).await {
+            Ok(()) => enter(state, &b, BackupPhase::Ready, None),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the checkpoint");
+                enter(state, &b, BackupPhase::Failed, Some(e.to_string()))
+            }
+        },
+        BackupPhase::Finalizing => enter(state, &b, BackupPhase::Succeeded, None),
+        BackupPhase::Ready | BackupPhase::Succeeded | BackupPhase::Failed => Ok(()),
+    }
+}
+
+/// Add the bitmap of the backup's new checkpoint to each of its disks that
+/// is enabled for incremental backup, and record the checkpoint. Idempotent
+/// (an engine restarted in `starting` does it again: the disks were locked
+/// all along, so a fresh bitmap is exact).
+async fn create_checkpoint(state: &Arc<State>, b: &Backup) -> Result<()> {
+    let Some(to) = b.to_checkpoint_id.clone() else {
+        return Ok(());
+    };
+    let mut disks = Vec::new();
+    for id in &b.disks {
+        if let Some(d) = state.db.disk(id)? {
+            if d.backup == DiskBackup::Incremental && d.format == Format::Cow {
+                disks.push(d.id);
+            }
+        }
+    }
+    let paths: Vec<_> = disks.iter().map(|d| state.images.path(d)).collect();
+    let name = to.clone();
+    let added = tokio::task::spawn_blocking(move || {
+        for (i, p) in paths.iter().enumerate() {
+            if let Err(e) = qemu::add_bitmap(p, &name) {
+                // Leave no half checkpoint behind.
+                for done in &paths[..i] {
+                    let _ = qemu::remove_bitmap(done, &name);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::io("add bitmaps", std::io::Error::other(e.to_string())))?;
+    added?;
+    let parent = state
+        .db
+        .checkpoints(&b.vm_id)?
+        .into_iter()
+        .rfind(|c| c.id != to)
+        .map(|c| c.id);
+    state.db.insert_checkpoint(&Checkpoint {
+        id: to.clone(),
+        vm_id: b.vm_id.clone(),
+        parent_id: parent,
+        created: now(),
+        description: b.description.clone(),
+        disks,
+    })?;
+    tracing::info!(checkpoint = %to, "checkpoint created");
+    Ok(())
+}
