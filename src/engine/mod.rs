@@ -949,7 +949,7 @@ mod tests {
         let b = backup::add(&state, &vm.id, xml::BackupIn::default()).unwrap();
         // A raw disk takes no part in incremental backups: no checkpoint.
         assert_eq!(b.to_checkpoint_id, None);
-        assert_eq!(b.disks, [disk.id.clone()]);
+        assert_eq!(b.disks, std::slice::from_ref(&disk.id));
         let phase = || state.db.backup(&b.id).unwrap().unwrap().phase;
         let status = || state.db.disk(&disk.id).unwrap().unwrap().status;
         assert_eq!(status(), model::DiskStatus::Locked);
