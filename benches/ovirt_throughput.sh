@@ -10,7 +10,9 @@
 #   download        `serve --imageio-url --read-only` + nbdcopy vs
 #                   ovirt_imageio.client.download(fmt="raw"), same ticket
 #   url-read        `serve --imageio-url --read-only` + nbdcopy vs
-#                   nbdkit-curl + nbdcopy, same daemon ticket
+#                   nbdkit-curl + nbdcopy, one file ticket of our data
+#                   server (`nbdbridge imageio`): the real daemon answers no
+#                   HEAD, which nbdkit-curl needs for the size
 #   embedded-write  `serve --disk` (NBD -> HTTP -> our data server -> file)
 #   embedded-read   vs qemu-nbd on a plain file (page cache warm)
 # Per row: MB/s of both, the ratio and the target, the CPU seconds per GiB
@@ -189,20 +191,36 @@ for ((rep = 1; rep <= REPS; rep++)); do
             start "$BIN" serve --imageio-url "$URL" --read-only --socket "$WORK/r.sock"
             timed_nbdcopy "download/$who" "$PID" "$LINE" "$DST"
             check_dst "download/$who"
-            timed_nbdcopy "url-read/$who" "$PID" "$LINE" null:
             stop "$PID"
         else
             d0=$(ticks "$DPID"); t0=$(now)
             "$PY" tests/imageio/client.py download "$URL" "$DST" raw
             t1=$(now); record "download/$who" "$t0" "$t1" - 0 "$d0"
             check_dst "download/$who"
-            nbdkit -U "$WORK/r.sock" --exit-with-parent curl url="$URL" 2>> "$WORK/log" & PID=$!; PIDS+=("$PID")
-            wait_sock "$WORK/r.sock"
-            timed_nbdcopy "url-read/$who" "$PID" "nbd+unix:///?socket=$WORK/r.sock" null:
-            stop "$PID"
         fi
     done
     stop "$QPID"; QPID=
+
+    # URL reads: our data server, one file ticket over the source.
+    rm -f "$WORK/ctl.sock" "$WORK/local.sock"
+    start "$BIN" imageio --listen 127.0.0.1:0 --control-socket "$WORK/ctl.sock" --local-socket "$WORK/local.sock"
+    IPID=$PID; BASE=$LINE
+    curl -sf --unix-socket "$WORK/ctl.sock" -X PUT "http://localhost/tickets/u$rep" \
+        -d "{\"uuid\":\"u$rep\",\"size\":$BYTES,\"url\":\"file://$SRC\",\"timeout\":3600,\"ops\":[\"read\"]}" \
+        || die "cannot add ticket u$rep"
+    for who in "${order[@]}"; do
+        rm -f "$WORK/r.sock"
+        if [ $who = bridge ]; then
+            start "$BIN" serve --imageio-url "${BASE}u$rep" --read-only --socket "$WORK/r.sock"
+            timed_nbdcopy "url-read/$who" "$PID" "$LINE" null:
+        else
+            nbdkit -U "$WORK/r.sock" --exit-with-parent curl url="${BASE}u$rep" 2>> "$WORK/log" & PID=$!; PIDS+=("$PID")
+            wait_sock "$WORK/r.sock"
+            timed_nbdcopy "url-read/$who" "$PID" "nbd+unix:///?socket=$WORK/r.sock" null:
+        fi
+        stop "$PID"
+    done
+    stop "$IPID"
 
     # The embedded pipeline against qemu-nbd on a plain file.
     for who in "${order[@]}"; do
@@ -271,6 +289,6 @@ for row in write-defaults:2 write-v2v:1.2 download:1.5 url-read:2 embedded-read:
 done
 echo "peers: write = virt-v2v ovirt-upload plugin (nbdkit python, is_ovirt_host=true: the daemon's unix"
 echo "       socket, as the bridge finds it), download = ovirt_imageio.client,"
-echo "       url-read = nbdkit-curl, embedded = qemu-nbd on a plain file; dmn% = the imageio daemon's"
+echo "       url-read = nbdkit-curl (both on our data server: the daemon has no HEAD), embedded = qemu-nbd on a plain file; dmn% = the imageio daemon's"
 echo "       CPU (100% = one core: the daemon is the ceiling); peer s/G for the client = not measured."
 echo "limits: TCP loopback ${LOOP} MB/s, page cache read ${CACHE} MB/s, disk O_DIRECT read ${DREAD} MB/s, write ${DWRITE} MB/s"
