@@ -40,8 +40,11 @@
 //! - An nbd ticket uses one pipelined NBD connection per ticket, shared by
 //!   every HTTP connection (imageio: one NBD connection per HTTP
 //!   connection, so HTTP connections past qemu-nbd's `--shared` hang).
-//!   `extents?context=dirty` on an nbd ticket is 404 (we do not ask qemu
-//!   for its dirty bitmap).
+//!   Like imageio, a `"dirty": true` nbd ticket's connection lists the
+//!   export's dirty bitmap (`qemu-nbd -B NAME`) and `extents?context=dirty`
+//!   merges it with `base:allocation`; without exactly one bitmap it is
+//!   404. More than 2^20 extents: the rest is reported as one extent of
+//!   data (`zero`) or of dirty data (`dirty`).
 //! - An unaligned PUT never grows the file (imageio's O_DIRECT
 //!   read-modify-write rounds it up to 4 KiB).
 //!

@@ -10,7 +10,7 @@
 use super::buffers::{BufferPool, PoolBuf};
 use super::checksum::{self, Algorithm};
 use super::ticket::BackendUrl;
-use crate::nbd_client::{self, NbdClient, ZeroExtent};
+use crate::nbd_client::{self, ConnectOptions, DirtyExtent, NbdClient, ZeroExtent};
 use crate::store::FileStore;
 use bytes::Bytes;
 use std::future::Future;
@@ -53,12 +53,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Storage {
-    /// Open what `url` names (`writable` for tickets that may write).
+    /// Open what `url` names (`writable` for tickets that may write;
+    /// `dirty` for tickets with `"dirty": true`, whose NBD connection looks
+    /// for the export's dirty bitmap like imageio's does).
     ///
     /// # Errors
     /// The file cannot be opened; the NBD server cannot be reached or
     /// refuses the export.
-    pub async fn open(url: &BackendUrl, writable: bool) -> io::Result<Storage> {
+    pub async fn open(url: &BackendUrl, writable: bool, dirty: bool) -> io::Result<Storage> {
         match url {
             BackendUrl::File(path) => {
                 let path = path.clone();
@@ -69,10 +71,17 @@ impl Storage {
                 Ok(Storage::File(Arc::new(store)))
             }
             BackendUrl::Nbd(address) => {
-                let client = NbdClient::connect(address).await.map_err(nbd_io)?;
+                let options = ConnectOptions {
+                    dirty_bitmap: dirty,
+                    contexts: Vec::new(),
+                };
+                let client = NbdClient::connect_with(address, &options)
+                    .await
+                    .map_err(nbd_io)?;
                 tracing::info!(
                     socket = %address.socket.display(),
                     size = client.size(),
+                    dirty_bitmap = client.info().dirty_bitmap_name().unwrap_or(""),
                     "NBD export connected"
                 );
                 Ok(Storage::Nbd(Arc::new(client)))
@@ -95,11 +104,6 @@ impl Storage {
             Storage::File(_) => false,
             Storage::Nbd(c) => c.is_broken(),
         }
-    }
-
-    /// Whether this is an NBD export.
-    pub fn is_nbd(&self) -> bool {
-        matches!(self, Storage::Nbd(_))
     }
 
     /// Start reading `n` bytes at `at`.
@@ -201,6 +205,38 @@ impl Storage {
             Storage::Nbd(c) => {
                 let c = c.clone();
                 detached(async move { c.zero_extents(max_count).await }).await
+            }
+        }
+    }
+
+    /// Dirty extents from the start, at most about `max_count` of them
+    /// (they may stop short of the end); `None` when there is no dirty
+    /// bitmap to ask (an NBD export without one, as imageio's nbd backend
+    /// refuses). A file keeps no bitmap: all of it is dirty data.
+    ///
+    /// # Errors
+    /// I/O or NBD failures.
+    pub async fn dirty_extents(&self, max_count: usize) -> io::Result<Option<Vec<DirtyExtent>>> {
+        match self {
+            Storage::File(f) => {
+                let size = f.size();
+                Ok(Some(if size == 0 {
+                    Vec::new()
+                } else {
+                    vec![DirtyExtent {
+                        start: 0,
+                        length: size,
+                        dirty: true,
+                        zero: false,
+                    }]
+                }))
+            }
+            Storage::Nbd(c) if !c.has_dirty_bitmap() => Ok(None),
+            Storage::Nbd(c) => {
+                let c = c.clone();
+                detached(async move { c.dirty_extents(max_count).await })
+                    .await
+                    .map(Some)
             }
         }
     }

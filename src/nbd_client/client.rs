@@ -1,8 +1,10 @@
 //! [`NbdClient`]: one connection, many requests in flight, one reader task
 //! that matches replies to requests by cookie.
 
-use super::extents::{ExtentBuilder, ZeroExtent, alloc_flags, depth_flags, merge};
-use super::handshake::{self, ExportInfo};
+use super::extents::{
+    DirtyExtent, ExtentBuilder, ZeroExtent, alloc_flags, depth_flags, dirty_descriptors, merge,
+};
+use super::handshake::{self, ConnectOptions, ExportInfo};
 use super::reply::{self, ChunkPlan, Magic, RequestView};
 use super::{Error, MAX_IN_FLIGHT, MAX_STATUS, MAX_ZERO, NbdAddress, errno_name};
 use crate::nbd::consts::*;
@@ -142,11 +144,25 @@ impl Drop for NbdClient {
 }
 
 impl NbdClient {
-    /// Connect to `address` and run the handshake.
+    /// Connect to `address` and run the handshake (the default
+    /// [`ConnectOptions`]: `base:allocation` and `qemu:allocation-depth`).
     ///
     /// # Errors
     /// The socket is missing or refuses, the handshake fails or times out.
     pub async fn connect(address: &NbdAddress) -> Result<NbdClient, Error> {
+        Self::connect_with(address, &ConnectOptions::default()).await
+    }
+
+    /// Connect to `address` and run the handshake, selecting the meta
+    /// contexts of `options` too (the dirty bitmap, named contexts).
+    ///
+    /// # Errors
+    /// The socket is missing or refuses, the handshake fails or times out,
+    /// `options` asks for too many or oversized context names.
+    pub async fn connect_with(
+        address: &NbdAddress,
+        options: &ConnectOptions,
+    ) -> Result<NbdClient, Error> {
         let span = tracing::info_span!("nbd_client", socket = %address.socket.display(), export = %address.export);
         async {
             let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -157,7 +173,7 @@ impl NbdClient {
                     address: address.to_string(),
                     source,
                 })?;
-            Self::over(stream, address, deadline).await
+            Self::over_with(stream, address, options, deadline).await
         }
         .instrument(span)
         .await
@@ -166,14 +182,26 @@ impl NbdClient {
     /// Run the handshake on a connected `stream` (by `deadline`) and start
     /// the reply reader.
     pub(crate) async fn over(
-        mut stream: UnixStream,
+        stream: UnixStream,
         address: &NbdAddress,
         deadline: tokio::time::Instant,
     ) -> Result<NbdClient, Error> {
-        let info =
-            tokio::time::timeout_at(deadline, handshake::negotiate(&mut stream, &address.export))
-                .await
-                .map_err(|_| Error::Timeout(address.to_string()))??;
+        Self::over_with(stream, address, &ConnectOptions::default(), deadline).await
+    }
+
+    /// [`over`](Self::over) with `options` for the handshake.
+    pub(crate) async fn over_with(
+        mut stream: UnixStream,
+        address: &NbdAddress,
+        options: &ConnectOptions,
+        deadline: tokio::time::Instant,
+    ) -> Result<NbdClient, Error> {
+        let info = tokio::time::timeout_at(
+            deadline,
+            handshake::negotiate_with(&mut stream, &address.export, options),
+        )
+        .await
+        .map_err(|_| Error::Timeout(address.to_string()))??;
         tracing::debug!(
             size = info.size,
             flags = info.flags,
@@ -384,7 +412,11 @@ impl NbdClient {
         self.submit(NBD_CMD_FLUSH, 0, 0, 0, None).await.map(|_| ())
     }
 
-    /// One BLOCK_STATUS request: `(length, flags)` descriptors per context.
+    /// One BLOCK_STATUS request: `(length, flags)` descriptors per context
+    /// id, one entry per context the server answered for (each at most
+    /// [`MAX_CHUNK_EXTENTS`](super::MAX_CHUNK_EXTENTS) descriptors, each id
+    /// one of [`ExportInfo::contexts`]; [`ExportInfo::context_name`] names
+    /// it).
     ///
     /// # Errors
     /// No block status negotiated, a request error, a lost connection.
@@ -405,6 +437,76 @@ impl NbdClient {
                 "BLOCK_STATUS answered with {other:?}"
             ))),
         }
+    }
+
+    /// [`block_status`](Self::block_status) with the contexts named.
+    ///
+    /// # Errors
+    /// As [`block_status`](Self::block_status).
+    pub async fn block_status_named(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(String, Vec<(u32, u32)>)>, Error> {
+        let status = self.block_status(offset, len).await?;
+        status
+            .into_iter()
+            .map(|(id, list)| match self.info.context_name(id) {
+                Some(name) => Ok((name.to_string(), list)),
+                None => Err(Error::Protocol(format!(
+                    "block status for unknown context id {id}"
+                ))),
+            })
+            .collect()
+    }
+
+    /// Whether the handshake found and selected a dirty bitmap
+    /// ([`ConnectOptions::dirty_bitmap`]).
+    pub fn has_dirty_bitmap(&self) -> bool {
+        self.info.dirty_bitmap.is_some()
+    }
+
+    /// The whole export as imageio's dirty extents: `base:allocation`
+    /// merged with the dirty bitmap (at most `max_count` extents, then
+    /// they stop short of the end).
+    ///
+    /// # Errors
+    /// No dirty bitmap was selected ([`Error::Unsupported`]), a reply
+    /// without one of the two contexts or that does not advance, a
+    /// request error, a lost connection.
+    pub async fn dirty_extents(&self, max_count: usize) -> Result<Vec<DirtyExtent>, Error> {
+        let Some(bitmap_id) = self.info.dirty_bitmap else {
+            return Err(Error::Unsupported("dirty bitmaps (no bitmap selected)"));
+        };
+        let Some(base_id) = self.info.base_allocation else {
+            return Err(Error::Protocol(
+                "a dirty bitmap without base:allocation".into(),
+            ));
+        };
+        let size = self.info.size;
+        let mut builder = ExtentBuilder::new(size, max_count);
+        while !builder.finished() {
+            let offset = builder.offset();
+            let step = (size - offset).min(u64::from(MAX_STATUS)) as u32;
+            let reply = self.block_status(offset, step).await?;
+            let of = |id: u32, what: &'static str| {
+                reply
+                    .iter()
+                    .find(|(ctx, _)| *ctx == id)
+                    .map(|(_, l)| l.as_slice())
+                    .ok_or_else(|| Error::Protocol(format!("block status reply without {what}")))
+            };
+            let descriptors = dirty_descriptors(
+                of(base_id, "base:allocation")?,
+                of(bitmap_id, "the dirty bitmap")?,
+            );
+            if builder.push(&descriptors) == 0 {
+                return Err(Error::Protocol(format!(
+                    "block status at {offset} did not advance"
+                )));
+            }
+        }
+        Ok(builder.finish_dirty())
     }
 
     /// The whole export as imageio's zero extents (at most `max_count`
@@ -578,7 +680,7 @@ async fn read_reply(
                     let mut payload = vec![0u8; h.len as usize];
                     rd.read_exact(&mut payload).await?;
                     let (ctx, list) = reply::parse_block_status(&payload)?;
-                    if Some(ctx) != info.base_allocation && Some(ctx) != info.allocation_depth {
+                    if info.context_name(ctx).is_none() {
                         return Err(Error::Protocol(format!(
                             "block status for unknown context id {ctx}"
                         )));
@@ -638,14 +740,29 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
 
-    async fn option(s: &mut UnixStream) -> u32 {
+    async fn option(s: &mut UnixStream) -> (u32, Vec<u8>) {
         let mut head = [0u8; 16];
         s.read_exact(&mut head).await.unwrap();
         let opt = u32::from_be_bytes(head[8..12].try_into().unwrap());
         let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data).await.unwrap();
-        opt
+        (opt, data)
+    }
+
+    /// The queries of a LIST/SET_META_CONTEXT payload.
+    fn queries(data: &[u8]) -> Vec<String> {
+        let be = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let mut at = 4 + be(0);
+        let count = be(at);
+        at += 4;
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let n = be(at);
+            out.push(String::from_utf8(data[at + 4..at + 4 + n].to_vec()).unwrap());
+            at += 4 + n;
+        }
+        out
     }
 
     async fn option_reply(s: &mut UnixStream, opt: u32, kind: u32, data: &[u8]) {
@@ -664,6 +781,21 @@ mod tests {
         F: FnOnce(UnixStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
+        fake_with(ConnectOptions::default(), &[], script).await
+    }
+
+    /// [`fake`] with `options` for the client and `bitmaps` for the
+    /// server, like `qemu-nbd -B` for each: LIST_META_CONTEXT lists them,
+    /// SET_META_CONTEXT selects the ones asked for (ids 3, 4, ...).
+    async fn fake_with<F, Fut>(
+        options: ConnectOptions,
+        bitmaps: &'static [&'static str],
+        script: F,
+    ) -> (NbdClient, JoinHandle<()>, tempfile::TempDir)
+    where
+        F: FnOnce(UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let dir = tempfile::tempdir().unwrap();
         let path: PathBuf = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -676,12 +808,33 @@ mod tests {
             let mut flags = [0u8; 4];
             s.read_exact(&mut flags).await.unwrap();
             loop {
-                let opt = option(&mut s).await;
+                let (opt, data) = option(&mut s).await;
                 match opt {
+                    NBD_OPT_LIST_META_CONTEXT => {
+                        assert_eq!(queries(&data), vec!["qemu:dirty-bitmap:".to_string()]);
+                        for name in bitmaps {
+                            let mut ctx = 0u32.to_be_bytes().to_vec();
+                            ctx.extend_from_slice(format!("qemu:dirty-bitmap:{name}").as_bytes());
+                            option_reply(&mut s, opt, NBD_REP_META_CONTEXT, &ctx).await;
+                        }
+                        option_reply(&mut s, opt, NBD_REP_ACK, &[]).await;
+                    }
                     NBD_OPT_SET_META_CONTEXT => {
-                        let mut ctx = 1u32.to_be_bytes().to_vec();
-                        ctx.extend_from_slice(b"base:allocation");
-                        option_reply(&mut s, opt, NBD_REP_META_CONTEXT, &ctx).await;
+                        for q in queries(&data) {
+                            let id = if q == "base:allocation" {
+                                Some(1u32)
+                            } else {
+                                bitmaps
+                                    .iter()
+                                    .position(|b| q == format!("qemu:dirty-bitmap:{b}"))
+                                    .map(|i| 3 + i as u32)
+                            };
+                            if let Some(id) = id {
+                                let mut ctx = id.to_be_bytes().to_vec();
+                                ctx.extend_from_slice(q.as_bytes());
+                                option_reply(&mut s, opt, NBD_REP_META_CONTEXT, &ctx).await;
+                            }
+                        }
                         option_reply(&mut s, opt, NBD_REP_ACK, &[]).await;
                     }
                     NBD_OPT_GO => {
@@ -702,8 +855,165 @@ mod tests {
             socket: dir.path().join("nbd.sock"),
             export: String::new(),
         };
-        let client = NbdClient::connect(&address).await.unwrap();
+        let client = NbdClient::connect_with(&address, &options).await.unwrap();
         (client, server, dir)
+    }
+
+    /// A block status chunk payload: context id, then descriptors.
+    fn status(ctx: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+        let mut d = ctx.to_be_bytes().to_vec();
+        for (len, flags) in extents {
+            d.extend_from_slice(&len.to_be_bytes());
+            d.extend_from_slice(&flags.to_be_bytes());
+        }
+        d
+    }
+
+    fn dirty_options() -> ConnectOptions {
+        ConnectOptions {
+            dirty_bitmap: true,
+            contexts: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn dirty_extents_merge_base_allocation_and_the_bitmap() {
+        const K: u32 = 1024;
+        let (client, server, _dir) = fake_with(dirty_options(), &["b1"], |mut s| async move {
+            // The bitmap answers for half the range only: the merge stops
+            // there and the next request starts at 512 KiB.
+            let (cmd, cookie, offset, len) = request(&mut s).await;
+            assert_eq!((cmd, offset, len), (NBD_CMD_BLOCK_STATUS, 0, 1 << 20));
+            let base = status(1, &[(64 * K, 0), (192 * K, 3), (768 * K, 3)]);
+            s.write_all(&chunk(0, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, &base))
+                .await
+                .unwrap();
+            let bitmap = status(3, &[(128 * K, 1), (384 * K, 0)]);
+            s.write_all(&chunk(1, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, &bitmap))
+                .await
+                .unwrap();
+            let (cmd, cookie, offset, len) = request(&mut s).await;
+            assert_eq!(
+                (cmd, offset, len),
+                (NBD_CMD_BLOCK_STATUS, 512 * 1024, 512 * 1024)
+            );
+            let bitmap = status(3, &[(512 * K, 1 | 0x10)]);
+            s.write_all(&chunk(0, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, &bitmap))
+                .await
+                .unwrap();
+            let base = status(1, &[(512 * K, 3)]);
+            s.write_all(&chunk(1, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, &base))
+                .await
+                .unwrap();
+            let (cmd, ..) = request(&mut s).await;
+            assert_eq!(cmd, NBD_CMD_DISC);
+        })
+        .await;
+        assert!(client.has_dirty_bitmap());
+        assert_eq!(
+            client.info().dirty_bitmap_name(),
+            Some("qemu:dirty-bitmap:b1")
+        );
+        let got = client.dirty_extents(1 << 20).await.unwrap();
+        let k = 1024u64;
+        let e = |start: u64, length: u64, dirty: bool, zero: bool| DirtyExtent {
+            start,
+            length,
+            dirty,
+            zero,
+        };
+        assert_eq!(
+            got,
+            vec![
+                e(0, 64 * k, true, false),
+                e(64 * k, 64 * k, true, true),
+                e(128 * k, 384 * k, false, true),
+                e(512 * k, 512 * k, true, true),
+            ]
+        );
+        client.close().await;
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn block_status_names_its_contexts() {
+        let (client, server, _dir) = fake_with(dirty_options(), &["b1"], |mut s| async move {
+            let (cmd, cookie, ..) = request(&mut s).await;
+            assert_eq!(cmd, NBD_CMD_BLOCK_STATUS);
+            s.write_all(&chunk(
+                0,
+                NBD_REPLY_TYPE_BLOCK_STATUS,
+                cookie,
+                &status(3, &[(4096, 1)]),
+            ))
+            .await
+            .unwrap();
+            s.write_all(&chunk(
+                1,
+                NBD_REPLY_TYPE_BLOCK_STATUS,
+                cookie,
+                &status(1, &[(4096, 0)]),
+            ))
+            .await
+            .unwrap();
+            let (cmd, ..) = request(&mut s).await;
+            assert_eq!(cmd, NBD_CMD_DISC);
+        })
+        .await;
+        let named = client.block_status_named(0, 4096).await.unwrap();
+        assert_eq!(
+            named,
+            vec![
+                ("qemu:dirty-bitmap:b1".to_string(), vec![(4096, 1)]),
+                ("base:allocation".to_string(), vec![(4096, 0)]),
+            ]
+        );
+        client.close().await;
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_single_bitmap_no_dirty_extents() {
+        const NONE: &[&str] = &[];
+        const TWO: &[&str] = &["a", "b"];
+        for bitmaps in [NONE, TWO] {
+            let (client, server, _dir) = fake_with(dirty_options(), bitmaps, |mut s| async move {
+                let (cmd, ..) = request(&mut s).await;
+                assert_eq!(cmd, NBD_CMD_DISC);
+            })
+            .await;
+            assert!(!client.has_dirty_bitmap(), "{bitmaps:?}");
+            assert_eq!(client.info().base_allocation, Some(1));
+            let e = client.dirty_extents(10).await.unwrap_err();
+            assert!(matches!(e, Error::Unsupported(_)), "{e}");
+            assert!(!client.is_broken());
+            client.close().await;
+            server.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn block_status_for_an_unselected_context_breaks_the_connection() {
+        // Id 3 is the bitmap's, but no bitmap was asked for.
+        let (client, server, _dir) = fake(|mut s| async move {
+            let (_, cookie, ..) = request(&mut s).await;
+            let _ = s
+                .write_all(&chunk(
+                    1,
+                    NBD_REPLY_TYPE_BLOCK_STATUS,
+                    cookie,
+                    &status(3, &[(4096, 1)]),
+                ))
+                .await;
+            let mut sink = [0u8; 64];
+            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        let e = client.block_status(0, 4096).await.unwrap_err().to_string();
+        assert!(e.contains("unknown context id 3"), "{e}");
+        assert!(client.is_broken());
+        drop(client);
+        server.await.unwrap();
     }
 
     /// Read one request header: (command, cookie, offset, len).

@@ -1,9 +1,11 @@
 //! An async NBD client for the embedded data server's `nbd:unix:` tickets.
 //!
 //! It speaks what qemu-nbd serves: the fixed newstyle handshake with
-//! NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT (`base:allocation`
-//! and `qemu:allocation-depth`) and NBD_OPT_GO, then READ, WRITE (FUA),
-//! WRITE_ZEROES (NO_HOLE), FLUSH, BLOCK_STATUS and DISC. Requests are
+//! NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT (`base:allocation`,
+//! `qemu:allocation-depth`, and on request the export's dirty bitmap,
+//! found with NBD_OPT_LIST_META_CONTEXT like imageio does, or any other
+//! named context: see [`ConnectOptions`]) and NBD_OPT_GO, then READ, WRITE
+//! (FUA), WRITE_ZEROES (NO_HOLE), FLUSH, BLOCK_STATUS and DISC. Requests are
 //! pipelined: any number of tasks share one [`NbdClient`], each request is
 //! matched to its reply by cookie, and one reader task dispatches replies.
 //!
@@ -17,7 +19,8 @@
 //! - `client`: [`NbdClient`] (connect, commands, the reply reader task);
 //! - `handshake`: option negotiation, [`ExportInfo`];
 //! - `reply`: pure parsing and checks of reply headers and chunks;
-//! - `extents`: imageio's zero extents from block status replies.
+//! - `extents`: imageio's zero and dirty extents from block status
+//!   replies.
 
 mod client;
 mod extents;
@@ -27,8 +30,8 @@ mod handshake;
 mod reply;
 
 pub use client::NbdClient;
-pub use extents::ZeroExtent;
-pub use handshake::ExportInfo;
+pub use extents::{DirtyExtent, ZeroExtent};
+pub use handshake::{ConnectOptions, ExportInfo, MetaContext};
 
 use std::path::PathBuf;
 
@@ -47,6 +50,11 @@ pub const MAX_MESSAGE: usize = 4096;
 pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 /// Most requests in flight on one connection.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Most meta contexts a caller may ask for besides `base:allocation`,
+/// `qemu:allocation-depth` and the dirty bitmap ([`ConnectOptions`]).
+pub const MAX_EXTRA_CONTEXTS: usize = 8;
+/// Longest meta context name sent or accepted (the NBD string limit).
+pub const MAX_CONTEXT_NAME: usize = 4096;
 
 /// Where an NBD export lives: `nbd:unix:/path.sock[:exportname=NAME]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

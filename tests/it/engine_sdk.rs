@@ -358,14 +358,24 @@ fn ovirt_img_qcow2(kind: HostKind) {
 /// from the checkpoint downloaded with `incremental=True` into an overlay;
 /// `qemu-img compare` against the disk at each checkpoint), checkpoint
 /// removal and the faults. On the real daemon as host, which reads the
-/// dirty bitmap from the engine's `qemu-nbd -B` (our embedded data server
-/// does not serve `context=dirty` from qemu-nbd yet).
+/// dirty bitmap from the engine's `qemu-nbd -B`.
 #[test]
 fn backup_full_then_incremental_on_the_daemon_host() {
+    backup_full_then_incremental(HostKind::Daemon);
+}
+
+/// The same on the engine's embedded data server, which reads the dirty
+/// bitmap from `qemu-nbd -B` like the daemon does.
+#[test]
+fn backup_full_then_incremental_on_the_embedded_host() {
+    backup_full_then_incremental(HostKind::Embedded);
+}
+
+fn backup_full_then_incremental(kind: HostKind) {
     if !have_tools() {
         return;
     }
-    let s = Setup::on_host(HostKind::Daemon, &[], &[]);
+    let s = Setup::on_host(kind, &[], &[]);
     s.run(
         "engine_backup.py",
         &["flow", s.host(), &s.work],

@@ -166,7 +166,8 @@ fn data_api(kind: Kind) -> Vec<Value> {
     let r = curl(&[&format!("{url}/extents")]);
     seen.push(r.json());
 
-    // A dirty context: we do not ask qemu for bitmaps.
+    // A dirty context on a ticket without `"dirty": true` (see
+    // `dirty_extents_ours_and_daemon_agree` for one with it).
     let r = curl(&[&format!("{url}/extents?context=dirty")]);
     assert_eq!(r.status, 404, "{kind:?}: {}", r.text());
     seen.push(json!(r.text().trim_end()));
@@ -181,6 +182,214 @@ fn data_api_ours_and_daemon_agree() {
     }
     let ours = data_api(Kind::Ours);
     let daemon = data_api(Kind::Daemon);
+    assert_eq!(ours, daemon);
+}
+
+/// Granularity of a bitmap made by `qemu-img bitmap --add` (the default).
+const GRANULARITY: u64 = 64 * 1024;
+
+/// What `qemu-io` writes after the bitmap `b1` is added: offset, length,
+/// and whether it writes zeroes (`write -z`) rather than data.
+const DIRTY_WRITES: &[(u64, u64, bool)] = &[
+    (0, 4096, false),
+    (MIB + 100, 200 * 1024, false),
+    (3 * MIB, 128 * 1024, true),
+    (5 * MIB - 10, 20, false),
+    (8 * MIB - GRANULARITY, GRANULARITY, false),
+];
+
+/// An 8 MiB QCOW2 with the persistent bitmap `b1`, then [`DIRTY_WRITES`]
+/// through `qemu-io`, which marks them in `b1`.
+fn dirty_image(path: &Path, size: u64) {
+    create_qcow2(path, size);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["bitmap", "--add", "-f", "qcow2"])
+            .arg(path)
+            .arg("b1"),
+    );
+    for &(offset, len, zero) in DIRTY_WRITES {
+        let write = if zero {
+            format!("write -z {offset} {len}")
+        } else {
+            format!("write -P 1 {offset} {len}")
+        };
+        run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", &write])
+                .arg(path),
+        );
+    }
+}
+
+/// [`DIRTY_WRITES`] rounded out to [`GRANULARITY`], touching or
+/// overlapping ranges joined: `(start, end)`.
+fn expected_dirty() -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = DIRTY_WRITES
+        .iter()
+        .map(|&(offset, len, _)| {
+            (
+                offset / GRANULARITY * GRANULARITY,
+                (offset + len).div_ceil(GRANULARITY) * GRANULARITY,
+            )
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// The ranges of an extents list with `"dirty": true`, neighbours joined
+/// (the servers split them where `zero` or the hole bit changes).
+fn dirty_ranges(extents: &Value) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in extents.as_array().expect("a list") {
+        if e["dirty"] != true {
+            continue;
+        }
+        let start = e["start"].as_u64().expect("start");
+        let end = start + e["length"].as_u64().expect("length");
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// Assert that `extents` cover `0..size` in order, each with exactly the
+/// fields `keys`.
+fn assert_covers(extents: &Value, size: u64, keys: &[&str], what: &str) {
+    let mut at = 0;
+    for e in extents.as_array().expect("a list") {
+        let mut have: Vec<&str> = e
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        have.sort_unstable();
+        assert_eq!(have, keys, "{what}: {extents}");
+        assert_eq!(e["start"].as_u64(), Some(at), "{what}: {extents}");
+        let len = e["length"].as_u64().expect("length");
+        assert!(len > 0, "{what}: {extents}");
+        at += len;
+    }
+    assert_eq!(at, size, "{what}: {extents}");
+}
+
+/// `extents?context=dirty` and `context=zero` on a `"dirty": true` ticket
+/// over `qemu-nbd -B b1` (the engine's backup export, read-only), then
+/// `context=dirty` on a `"dirty": true` ticket over an export without a
+/// bitmap; what the server answered, for comparison.
+fn dirty_extents(kind: Kind) -> Vec<Value> {
+    let size = 8 * MIB;
+    let s = start(kind);
+    let image = s.path("dirty.qcow2");
+    dirty_image(&image, size);
+    let nbd = QemuNbd::start_with(
+        &image,
+        &s.path("dirty.sock"),
+        &[
+            "--read-only",
+            "--format=qcow2",
+            "--bitmap=b1",
+            "--persistent",
+            "--shared=8",
+        ],
+    );
+    let mut seen = Vec::new();
+    let mut ticket = nbd_ticket("nbd-dirty-0001", &nbd.url(), size, &["read"]);
+    ticket["dirty"] = true.into();
+    s.add_ticket(&ticket);
+    let url = s.url("nbd-dirty-0001");
+
+    let r = curl(&[&format!("{url}/extents?context=dirty")]);
+    assert_eq!(r.status, 200, "{kind:?}: {}", r.text());
+    let dirty = r.json();
+    assert_covers(&dirty, size, &["dirty", "length", "start", "zero"], "dirty");
+    // Exactly what qemu-io wrote, at the bitmap's granularity.
+    assert_eq!(dirty_ranges(&dirty), expected_dirty(), "{kind:?}: {dirty}");
+    let list = dirty.as_array().expect("a list");
+    // The `write -z` range is dirty and reads as zeroes; the data is not.
+    assert!(
+        list.iter()
+            .any(|e| e["dirty"] == true && e["zero"] == true && e["start"] == 3 * MIB),
+        "{kind:?}: {dirty}"
+    );
+    assert!(
+        list[0]["dirty"] == true && list[0]["zero"] == false,
+        "{kind:?}: {dirty}"
+    );
+    seen.push(dirty);
+
+    // context=zero still works on that ticket (and is the default).
+    let r = curl(&[&format!("{url}/extents?context=zero")]);
+    assert_eq!(r.status, 200, "{kind:?}: {}", r.text());
+    let zero = r.json();
+    assert_covers(&zero, size, &["hole", "length", "start", "zero"], "zero");
+    assert!(
+        zero.as_array()
+            .expect("a list")
+            .iter()
+            .any(|e| e["zero"] == false),
+        "{kind:?}: {zero}"
+    );
+    let r = curl(&[&format!("{url}/extents")]);
+    assert_eq!(r.json(), zero, "{kind:?}");
+    seen.push(zero);
+
+    // The data reads back through the same ticket.
+    let r = get(&url, MIB + 100, MIB + 100 + 4095);
+    assert_eq!(r.status, 206, "{kind:?}: {}", r.text());
+    assert!(r.body == vec![1u8; 4096], "{kind:?}: data differs");
+
+    // A dirty ticket on an export without a bitmap: 404, not everything
+    // dirty (a backup must not silently become a full one).
+    let plain_image = s.path("plain.qcow2");
+    create_qcow2(&plain_image, size);
+    let plain = QemuNbd::start_with(
+        &plain_image,
+        &s.path("plain.sock"),
+        &[
+            "--read-only",
+            "--format=qcow2",
+            "--persistent",
+            "--shared=8",
+        ],
+    );
+    let mut ticket = nbd_ticket("nbd-nobitmap-01", &plain.url(), size, &["read"]);
+    ticket["dirty"] = true.into();
+    s.add_ticket(&ticket);
+    let plain_url = s.url("nbd-nobitmap-01");
+    let r = curl(&[&format!("{plain_url}/extents?context=dirty")]);
+    r.assert_error(
+        404,
+        "Operation not supported: NBD export '' does not support dirty extents",
+    );
+    seen.push(json!(r.text().trim_end()));
+    let r = curl(&[&format!("{plain_url}/extents?context=zero")]);
+    assert_eq!(r.status, 200, "{kind:?}: {}", r.text());
+    seen.push(r.json());
+    drop(plain);
+    drop(nbd);
+    seen
+}
+
+#[test]
+fn dirty_extents_ours_and_daemon_agree() {
+    if !have_tools() || !require("qemu-io") {
+        return;
+    }
+    let ours = dirty_extents(Kind::Ours);
+    let daemon = dirty_extents(Kind::Daemon);
+    assert_eq!(ours[0], daemon[0], "context=dirty");
     assert_eq!(ours, daemon);
 }
 

@@ -174,7 +174,12 @@ impl Ticket {
             }
             tracing::info!(transfer = %self.spec.log_label(), "reconnecting to the NBD server");
         }
-        let s = Storage::open(&self.spec.backend, self.spec.may(Access::Write)).await?;
+        let s = Storage::open(
+            &self.spec.backend,
+            self.spec.may(Access::Write),
+            self.spec.dirty,
+        )
+        .await?;
         *slot = Some(s.clone());
         Ok(s)
     }

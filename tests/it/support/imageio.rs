@@ -348,11 +348,26 @@ impl QemuNbd {
     /// Serve `image` (qcow2) on `socket` with `--shared=shared`; wait until
     /// it accepts connections.
     pub fn start(image: &Path, socket: &Path, shared: u32) -> QemuNbd {
+        let shared = format!("--shared={shared}");
+        QemuNbd::start_with(
+            image,
+            socket,
+            &[
+                "--format=qcow2",
+                shared.as_str(),
+                "--persistent",
+                "--allocation-depth",
+                "--discard=unmap",
+            ],
+        )
+    }
+
+    /// Serve `image` on `socket` with the qemu-nbd options `args`; wait
+    /// until it accepts connections.
+    pub fn start_with(image: &Path, socket: &Path, args: &[&str]) -> QemuNbd {
         let mut cmd = Command::new("qemu-nbd");
         cmd.arg(format!("--socket={}", socket.display()))
-            .arg("--format=qcow2")
-            .arg(format!("--shared={shared}"))
-            .args(["--persistent", "--allocation-depth", "--discard=unmap"])
+            .args(args)
             .arg(image);
         let proc = Proc::start("qemu-nbd", cmd);
         wait_until("qemu-nbd listening", START_DEADLINE, || {
