@@ -1,5 +1,8 @@
 //! `nbdbridge serve`: an NBD server over a local file or an imageio ticket
-//! URL (engine transfers come with the transfer session).
+//! URL (engine transfers come with the transfer session; VM backups,
+//! `--backup`, in the `backup` submodule).
+
+mod backup;
 
 use super::{CliError, announce};
 use nbdbridge::Backend;
@@ -14,7 +17,7 @@ use nbdbridge::progress::{Progress, Sample};
 use nbdbridge::session::driver::{self, DriverOptions, OnInterrupt, redact_url, scrub};
 use nbdbridge::session::{Direction, EngineClient, EngineConfig, Target};
 use nbdbridge::shutdown::{self, Shutdown};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -54,6 +57,30 @@ pub struct ServeArgs {
     /// `--data-dir`.
     #[arg(long)]
     transfer: Option<String>,
+    /// Back up this VM (its name or id): start a backup of all its disks,
+    /// serve each disk as its own export named by the disk id (its alias is
+    /// the export description), end each disk's download once every byte
+    /// of its data was read (or at the `--run` command's exit), then
+    /// finalize the backup. Of the engine at `--engine-url`, or without it
+    /// of the embedded engine over `--data-dir`. Stdout: the server's URI
+    /// (its default export is the first disk), `backup=ID`, one `disk=ID
+    /// uri=URI` line per disk, and at the end, once the backup succeeded
+    /// and every disk was read, `checkpoint=ID` (the checkpoint to give
+    /// `--from-checkpoint` next time; empty when the backup made none, as
+    /// when no disk is enabled for incremental backup).
+    #[arg(
+        long,
+        value_name = "VM",
+        conflicts_with_all = ["disk", "transfer", "file", "imageio_url", "dirty_bitmap"]
+    )]
+    backup: Option<String>,
+    /// With `--backup`: back up only what changed since this checkpoint
+    /// (the `checkpoint=ID` an earlier backup printed). A disk taken
+    /// incrementally offers the NBD meta context `qemu:dirty-bitmap:ID`
+    /// and its download ends once its dirty data was read; a disk the
+    /// backup takes whole (added since) is served in full.
+    #[arg(long, value_name = "ID", requires = "backup")]
+    from_checkpoint: Option<String>,
     /// Serve a transfer whose format is cow: clients then see the QCOW2
     /// file's own bytes instead of the guest data. Refused without this.
     #[arg(long)]
@@ -245,6 +272,9 @@ async fn serve_any(
     signals: shutdown::Signals,
     pid_file: &PidFile,
 ) -> Result<ExitCode, CliError> {
+    if let Some(vm) = &args.backup {
+        return backup::serve_backup(args, vm, signals, pid_file).await;
+    }
     if let Some(name) = &args.dirty_bitmap {
         if args.disk.is_some() {
             return Err(format!(
@@ -379,6 +409,69 @@ fn ready(pid_file: &PidFile, uri: &str) -> std::io::Result<()> {
     announce(uri).map_err(std::io::Error::other)
 }
 
+/// The embedded engine and data server over `--data-dir`, running in this
+/// process.
+struct Embedded {
+    data_server: nbdbridge::imageio::DataServer,
+    stop: Shutdown,
+    engine_task: tokio::task::JoinHandle<()>,
+    url: String,
+    password: String,
+}
+
+impl Embedded {
+    /// Start both.
+    async fn start(data_dir: &Path) -> Result<Self, CliError> {
+        let data_server = embedded::start_data_server(data_dir)
+            .await
+            .map_err(|e| format!("cannot start the embedded data server: {e}"))?;
+        let stop = Shutdown::new();
+        let engine = Engine::start(
+            engine::EngineConfig {
+                data_dir: data_dir.to_path_buf(),
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                password_file: None,
+                hosts: vec![embedded::host_spec(&data_server)],
+                timing: engine::Timing::default(),
+                tls: None,
+                max_connections: engine::MAX_CONNECTIONS,
+                header_timeout: engine::HEADER_TIMEOUT,
+            },
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot start the embedded engine: {e}"))?;
+        let password = std::fs::read_to_string(engine.password_path())?;
+        let url = engine.url().to_string();
+        let engine_task = tokio::spawn(engine.serve());
+        Ok(Embedded {
+            data_server,
+            stop,
+            engine_task,
+            url,
+            password: password.trim_end_matches(['\n', '\r']).to_string(),
+        })
+    }
+
+    /// A client logged in to the engine.
+    async fn client(&self) -> nbdbridge::session::Result<EngineClient> {
+        EngineClient::connect(EngineConfig {
+            url: self.url.clone(),
+            username: engine::USER.to_string(),
+            password: self.password.clone(),
+            tls: TlsOptions::default(),
+        })
+        .await
+    }
+
+    /// Stop the engine, then the data server.
+    async fn stop(self) {
+        self.stop.trigger();
+        let _ = self.engine_task.await;
+        self.data_server.shutdown().await;
+    }
+}
+
 /// The embedded default: engine and data server in this process over
 /// `--data-dir`, the disk created when missing, then the transfer served.
 async fn serve_embedded(
@@ -386,38 +479,9 @@ async fn serve_embedded(
     signals: shutdown::Signals,
     pid_file: &PidFile,
 ) -> Result<ExitCode, CliError> {
-    let data_server = embedded::start_data_server(&args.data_dir)
-        .await
-        .map_err(|e| format!("cannot start the embedded data server: {e}"))?;
-    let stop = Shutdown::new();
-    let engine = Engine::start(
-        engine::EngineConfig {
-            data_dir: args.data_dir.clone(),
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            password_file: None,
-            hosts: vec![embedded::host_spec(&data_server)],
-            timing: engine::Timing::default(),
-            tls: None,
-            max_connections: engine::MAX_CONNECTIONS,
-            header_timeout: engine::HEADER_TIMEOUT,
-        },
-        stop.clone(),
-    )
-    .await
-    .map_err(|e| format!("cannot start the embedded engine: {e}"))?;
-    let password = std::fs::read_to_string(engine.password_path())?;
-    let url = engine.url().to_string();
-    let engine_task = tokio::spawn(engine.serve());
+    let embedded = Embedded::start(&args.data_dir).await?;
     let result = async {
-        let client = Arc::new(
-            EngineClient::connect(EngineConfig {
-                url,
-                username: engine::USER.to_string(),
-                password: password.trim_end_matches(['\n', '\r']).to_string(),
-                tls: TlsOptions::default(),
-            })
-            .await?,
-        );
+        let client = Arc::new(embedded.client().await?);
         let target = match (&args.disk, &args.transfer) {
             (Some(name), _) => {
                 let disk = embedded_disk(&client, name, args).await?;
@@ -440,9 +504,7 @@ async fn serve_embedded(
         Ok::<_, CliError>(outcome?)
     }
     .await;
-    stop.trigger();
-    let _ = engine_task.await;
-    data_server.shutdown().await;
+    embedded.stop().await;
     report(result?)
 }
 
@@ -623,12 +685,12 @@ fn exit_code(status: i32) -> ExitCode {
     ExitCode::from(u8::try_from(status).unwrap_or(1))
 }
 
-async fn serve_transfer(
+/// Log in to the engine at `url` with `--username` and `--password-file`;
+/// the client, and the TLS settings for its data servers.
+async fn engine_client(
     args: &ServeArgs,
     url: &str,
-    signals: shutdown::Signals,
-    pid_file: &PidFile,
-) -> Result<ExitCode, CliError> {
+) -> Result<(EngineClient, TlsOptions), CliError> {
     let password_file = args
         .password_file
         .as_ref()
@@ -647,6 +709,16 @@ async fn serve_transfer(
     })
     .await
     .map_err(|e| format!("cannot log in to the engine at {url}: {e}"))?;
+    Ok((client, tls))
+}
+
+async fn serve_transfer(
+    args: &ServeArgs,
+    url: &str,
+    signals: shutdown::Signals,
+    pid_file: &PidFile,
+) -> Result<ExitCode, CliError> {
+    let (client, tls) = engine_client(args, url).await?;
     let target = match (&args.disk, &args.transfer) {
         (Some(disk), _) => Target::Disk {
             disk_id: disk.clone(),

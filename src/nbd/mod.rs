@@ -60,6 +60,12 @@ pub struct Answered {
 pub trait Observer: Send + Sync + 'static {
     /// A client finished the handshake and entered transmission.
     fn connected(&self, _conn: u64) {}
+    /// A client finished the handshake and entered transmission on
+    /// `export` (a server of several exports tells them apart here); by
+    /// default, [`Observer::connected`].
+    fn entered(&self, conn: u64, _export: &str) {
+        self.connected(conn);
+    }
     /// A request of `conn` was answered (before its reply is sent); every
     /// request of a connection is reported before its `disconnected`.
     fn answered(&self, _conn: u64, _request: &Answered) {}
@@ -200,7 +206,7 @@ impl<B: Backend> Server<B> {
                 tls = matches!(connected, Connected::Tls(_)),
                 "transmission"
             );
-            self.observer.connected(conn);
+            self.observer.entered(conn, negotiated.export.name());
             let end = match connected {
                 Connected::Plain(s) => self.transmit(conn, s, negotiated).await,
                 Connected::Tls(s) => self.transmit(conn, *s, negotiated).await,

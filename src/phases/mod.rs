@@ -20,7 +20,11 @@
 //!   the disk is covered ([`Coverage`]); until then it keeps serving;
 //! - with `--run`, the command's exit is the judge, not the clients;
 //! - a signal pauses (or cancels) an upload and finalizes a download.
+//!
+//! [`backup`] holds the steps of `serve --backup` around these rules (one
+//! machine here per disk of the backup).
 
+pub mod backup;
 pub mod coverage;
 pub mod ranges;
 

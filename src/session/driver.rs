@@ -36,10 +36,10 @@ use tracing::Instrument;
 pub use crate::phases::OnInterrupt;
 
 /// How often the session looks at the engine while serving.
-const POLL: Duration = Duration::from_secs(5);
+pub(super) const POLL: Duration = Duration::from_secs(5);
 /// How long the engine may stay unreachable while serving (a restart)
 /// before the bridge gives up.
-const ENGINE_OUTAGE: Duration = Duration::from_secs(120);
+pub(super) const ENGINE_OUTAGE: Duration = Duration::from_secs(120);
 
 /// Settings of a transfer `serve`.
 #[derive(Debug)]
@@ -96,9 +96,10 @@ pub fn resume_command(args: &[String], id: &str) -> String {
     shlex::try_join(words.iter().copied()).unwrap_or_else(|_| words.join(" "))
 }
 
-/// The rules, fed from every connection's task; what they decide goes to
-/// the driver loop, the gate moves at once.
-struct Judge {
+/// The rules of one transfer, fed from every connection's task; what they
+/// decide goes to the driver loop, the gate moves at once. (`serve
+/// --backup` has one per disk, each behind its own export.)
+pub(super) struct Judge {
     machine: Mutex<Machine>,
     gate: Gate,
     stop: Shutdown,
@@ -109,7 +110,26 @@ struct Judge {
 }
 
 impl Judge {
-    fn feed(&self, event: Event) {
+    /// The rules `machine` over `gate`: `stop` fires once they admit no
+    /// new client, their actions go to `actions`.
+    pub(super) fn new(
+        machine: Machine,
+        gate: Gate,
+        stop: Shutdown,
+        actions: mpsc::UnboundedSender<Action>,
+    ) -> Self {
+        Judge {
+            machine: Mutex::new(machine),
+            gate,
+            stop,
+            actions,
+            started: Instant::now(),
+            last_request: AtomicU64::new(0),
+        }
+    }
+
+    /// Feed the rules one event; their actions go to the driver.
+    pub(super) fn feed(&self, event: Event) {
         let mut machine = match self.machine.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
@@ -130,9 +150,32 @@ impl Judge {
         }
     }
 
-    fn quiet(&self) -> Duration {
+    /// How long no request has moved (nor a keepalive).
+    pub(super) fn quiet(&self) -> Duration {
         let last = Duration::from_millis(self.last_request.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Something moved now (a request, or a keepalive serve sent).
+    pub(super) fn touch(&self) {
+        self.last_request.store(
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The gate the rules move.
+    pub(super) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// What the download still misses, for the log (None: an upload).
+    pub(super) fn coverage(&self) -> Option<(bool, String)> {
+        let machine = match self.machine.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        machine.coverage().map(|c| (c.complete(), c.summary()))
     }
 }
 
@@ -142,8 +185,7 @@ impl Observer for Judge {
     }
 
     fn answered(&self, conn: u64, request: &Answered) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_request.store(now, Ordering::Relaxed);
+        self.touch();
         let op = match request.command {
             NBD_CMD_READ => Op::Read {
                 offset: request.offset,
@@ -253,14 +295,7 @@ async fn serve(
     let export = Export::new(options.export_name.clone(), None, Arc::clone(&gated));
     let stop = Shutdown::new();
     let (tx, actions) = mpsc::unbounded_channel();
-    let judge = Arc::new(Judge {
-        machine: Mutex::new(machine),
-        gate,
-        stop: stop.clone(),
-        actions: tx,
-        started: Instant::now(),
-        last_request: AtomicU64::new(0),
-    });
+    let judge = Arc::new(Judge::new(machine, gate, stop.clone(), tx));
     let server = Arc::new(
         Server::new(Exports::single(export), stop.clone())
             .with_observer(Arc::clone(&judge) as Arc<dyn Observer>)
@@ -327,7 +362,7 @@ async fn serve(
 /// How often a quiet serve keeps the ticket alive: a third of the
 /// transfer's inactivity timeout (60 s when the engine gives none), so
 /// a keepalive that is late or lost still leaves time for the next.
-fn keepalive_after(session: &TransferSession) -> Duration {
+pub(super) fn keepalive_after(session: &TransferSession) -> Duration {
     Duration::from_secs(
         session
             .transfer()
@@ -408,10 +443,7 @@ impl Driver {
                 if let Err(e) = self.session.act(crate::ovirt::Action::Extend).await {
                     tracing::debug!(error = %e, "extend failed");
                 }
-                self.judge.last_request.store(
-                    u64::try_from(self.judge.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
+                self.judge.touch();
             }
             Action::Flush => {
                 let ok = match self.gated.inner().flush_all().await {
@@ -546,7 +578,10 @@ impl Driver {
 ///
 /// # Errors
 /// The data server could not list the extents.
-async fn data_coverage(backend: &ImageioBackend, dirty: bool) -> crate::backend::Result<Coverage> {
+pub(super) async fn data_coverage(
+    backend: &ImageioBackend,
+    dirty: bool,
+) -> crate::backend::Result<Coverage> {
     let size = backend.size();
     let mut data = RangeSet::new();
     walk_extents(backend, ExtentContext::Allocation, size, |e| {
@@ -682,11 +717,16 @@ async fn leave_transfer(
 
 /// What every data connection of a transfer is opened with.
 #[derive(Debug, Clone)]
-struct DataOptions {
-    size: Option<u64>,
-    direction: Direction,
-    tls: TlsOptions,
-    dirty_bitmap: Option<String>,
+pub(super) struct DataOptions {
+    /// The image size (None: from the data server's extents).
+    pub(super) size: Option<u64>,
+    /// Upload or download (a download's backend is read-only).
+    pub(super) direction: Direction,
+    /// TLS for the data server.
+    pub(super) tls: TlsOptions,
+    /// Serve the ticket's dirty extents as `qemu:dirty-bitmap:<name>`
+    /// (checked at connect).
+    pub(super) dirty_bitmap: Option<String>,
 }
 
 /// Open the data connection: the host's `transfer_url`, else the engine's
@@ -694,7 +734,7 @@ struct DataOptions {
 ///
 /// # Errors
 /// [`Error::DataServer`] naming each URL tried and why it failed.
-async fn connect_data(
+pub(super) async fn connect_data(
     session: &TransferSession,
     data: &DataOptions,
 ) -> Result<(ImageioBackend, String)> {

@@ -1,10 +1,10 @@
 //! A small client of the oVirt engine REST API: SSO login, disks, image
-//! transfers and their actions. The same calls work against a real engine
-//! and `nbdbridge engine`.
+//! transfers and their actions, VMs and their backups. The same calls work
+//! against a real engine and `nbdbridge engine`.
 
 use super::error::{Error, Result};
 use crate::backend::imageio::{TlsOptions, build_client};
-use crate::ovirt::{Action, Direction, DiskStatus, Format, Phase};
+use crate::ovirt::{Action, BackupPhase, Direction, DiskBackupMode, DiskStatus, Format, Phase};
 use quick_xml::escape::escape;
 use serde::Deserialize;
 use std::sync::Mutex;
@@ -98,6 +98,38 @@ pub struct Disk {
     pub sparse: Option<bool>,
 }
 
+/// What we read of a `vm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// VM id.
+    pub id: String,
+    /// Its name (unique in an engine).
+    pub name: String,
+}
+
+/// What we read of a VM `backup`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// Backup id.
+    pub id: String,
+    /// Phase (`None`: absent or a value we do not know).
+    pub phase: Option<BackupPhase>,
+    /// The checkpoint it is incremental from (None: a full backup).
+    pub from_checkpoint_id: Option<String>,
+    /// The checkpoint it creates (None: no disk of it takes part in
+    /// incremental backup, or the engine has not set it yet).
+    pub to_checkpoint_id: Option<String>,
+}
+
+/// A disk of a backup, and how the backup takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDisk {
+    /// The disk.
+    pub disk: Disk,
+    /// `full` or `incremental` (None: the engine did not say).
+    pub mode: Option<DiskBackupMode>,
+}
+
 #[derive(Debug, Deserialize)]
 struct LinkXml {
     #[serde(rename = "@id")]
@@ -141,6 +173,59 @@ struct DiskXml {
 struct DisksXml {
     #[serde(default)]
     disk: Vec<DiskXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct VmXml {
+    #[serde(rename = "@id")]
+    id: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct VmsXml {
+    #[serde(default)]
+    vm: Vec<VmXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AttachmentXml {
+    active: Option<bool>,
+    disk: Option<LinkXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AttachmentsXml {
+    #[serde(default)]
+    disk_attachment: Vec<AttachmentXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BackupXml {
+    #[serde(rename = "@id")]
+    id: Option<String>,
+    phase: Option<String>,
+    from_checkpoint_id: Option<String>,
+    to_checkpoint_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BackupDiskXml {
+    #[serde(rename = "@id")]
+    id: Option<String>,
+    alias: Option<String>,
+    name: Option<String>,
+    provisioned_size: Option<u64>,
+    format: Option<String>,
+    status: Option<String>,
+    sparse: Option<bool>,
+    backup_mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BackupDisksXml {
+    #[serde(default)]
+    disk: Vec<BackupDiskXml>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -357,17 +442,27 @@ impl EngineClient {
         host_id: Option<&str>,
         direction: Direction,
     ) -> Result<Transfer> {
-        let mut xml = String::from("<image_transfer>\n");
-        xml.push_str(&format!(
-            "  <direction>{}</direction>\n",
-            direction.as_str()
-        ));
-        xml.push_str(&format!("  <format>{}</format>\n", Format::Raw));
-        xml.push_str(&format!("  <disk id=\"{}\"/>\n", escape(disk_id)));
-        if let Some(h) = host_id {
-            xml.push_str(&format!("  <host id=\"{}\"/>\n", escape(h)));
-        }
-        xml.push_str("</image_transfer>\n");
+        let xml = transfer_xml(disk_id, host_id, direction, None);
+        let body = self
+            .call(reqwest::Method::POST, "/imagetransfers", Some(xml))
+            .await?;
+        parse_transfer(&body)
+    }
+
+    /// Start the download of `disk_id` for the ready backup `backup_id`
+    /// (on `host_id` if given), with `format=raw` as the engine requires
+    /// for backups: guest data, with the changes since the backup's
+    /// checkpoint as the ticket's dirty extents for an incremental disk.
+    ///
+    /// # Errors
+    /// The engine refused (the backup is not ready, the disk not in it).
+    pub async fn add_backup_transfer(
+        &self,
+        disk_id: &str,
+        backup_id: &str,
+        host_id: Option<&str>,
+    ) -> Result<Transfer> {
+        let xml = transfer_xml(disk_id, host_id, Direction::Download, Some(backup_id));
         let body = self
             .call(reqwest::Method::POST, "/imagetransfers", Some(xml))
             .await?;
@@ -452,6 +547,243 @@ impl EngineClient {
             .map_err(|e| Error::Protocol(format!("disk XML: {e}")))?;
         disk_of(d)
     }
+
+    /// The VM whose id or name is `name`, if any: `GET /vms/ID` when it
+    /// looks like an id, else `GET /vms?search=name=NAME` (an engine that
+    /// ignores the search lists them all), matched exactly here.
+    ///
+    /// # Errors
+    /// The engine failed.
+    pub async fn find_vm(&self, name: &str) -> Result<Option<Vm>> {
+        if uuid::Uuid::parse_str(name).is_ok() {
+            match self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/vms/{}", path_part(name)),
+                    None,
+                )
+                .await
+            {
+                Ok(body) => {
+                    let vm: VmXml = quick_xml::de::from_reader(body.as_slice())
+                        .map_err(|e| Error::Protocol(format!("vm XML: {e}")))?;
+                    return vm_of(vm).map(Some);
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let path = if name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            format!("/vms?search={}", form_encode(&format!("name={name}")))
+        } else {
+            "/vms".to_string()
+        };
+        let body = self.call(reqwest::Method::GET, &path, None).await?;
+        let list: VmsXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("vms XML: {e}")))?;
+        let mut found = None;
+        for v in list.vm {
+            let vm = vm_of(v)?;
+            if vm.id == name {
+                return Ok(Some(vm));
+            }
+            if vm.name == name && found.is_none() {
+                found = Some(vm);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The ids of the disks attached to VM `vm_id` (active attachments;
+    /// an attachment that does not say counts as active), in the engine's
+    /// order.
+    ///
+    /// # Errors
+    /// Unknown VM (404) or the engine failed.
+    pub async fn vm_disk_ids(&self, vm_id: &str) -> Result<Vec<String>> {
+        let body = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/vms/{}/diskattachments", path_part(vm_id)),
+                None,
+            )
+            .await?;
+        let list: AttachmentsXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("disk_attachments XML: {e}")))?;
+        let mut ids: Vec<String> = Vec::new();
+        for a in list.disk_attachment {
+            if a.active == Some(false) {
+                continue;
+            }
+            let id = a
+                .disk
+                .and_then(|d| d.id)
+                .ok_or_else(|| Error::Protocol("disk_attachment without a disk id".into()))?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Start a backup of `disk_ids` of VM `vm_id`, incremental from
+    /// `from_checkpoint` when given. The engine answers with the backup
+    /// `initializing`.
+    ///
+    /// # Errors
+    /// The engine refused (unknown VM or checkpoint, a backup of the VM
+    /// running, a disk locked).
+    pub async fn add_backup(
+        &self,
+        vm_id: &str,
+        disk_ids: &[String],
+        from_checkpoint: Option<&str>,
+        description: &str,
+    ) -> Result<Backup> {
+        let xml = backup_xml(disk_ids, from_checkpoint, description);
+        let body = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/vms/{}/backups", path_part(vm_id)),
+                Some(xml),
+            )
+            .await?;
+        parse_backup(&body)
+    }
+
+    /// Read backup `id` of VM `vm_id`.
+    ///
+    /// # Errors
+    /// Unknown backup (404) or the engine failed.
+    pub async fn backup(&self, vm_id: &str, id: &str) -> Result<Backup> {
+        let body = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/vms/{}/backups/{}", path_part(vm_id), path_part(id)),
+                None,
+            )
+            .await?;
+        parse_backup(&body)
+    }
+
+    /// The disks of backup `id` of VM `vm_id`, each with how the backup
+    /// takes it (`full` or `incremental`).
+    ///
+    /// # Errors
+    /// Unknown backup (404) or the engine failed.
+    pub async fn backup_disks(&self, vm_id: &str, id: &str) -> Result<Vec<BackupDisk>> {
+        let body = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/vms/{}/backups/{}/disks", path_part(vm_id), path_part(id)),
+                None,
+            )
+            .await?;
+        let list: BackupDisksXml = quick_xml::de::from_reader(body.as_slice())
+            .map_err(|e| Error::Protocol(format!("backup disks XML: {e}")))?;
+        list.disk.into_iter().map(backup_disk_of).collect()
+    }
+
+    /// Finalize backup `id` of VM `vm_id` (`ready → finalizing →
+    /// succeeded`); the engine refuses while a transfer of it is open.
+    ///
+    /// # Errors
+    /// The engine refused.
+    pub async fn finalize_backup(&self, vm_id: &str, id: &str) -> Result<()> {
+        let path = format!(
+            "/vms/{}/backups/{}/finalize",
+            path_part(vm_id),
+            path_part(id)
+        );
+        self.call(reqwest::Method::POST, &path, Some("<action/>\n".into()))
+            .await
+            .map(|_| ())
+    }
+}
+
+fn vm_of(v: VmXml) -> Result<Vm> {
+    let id =
+        v.id.ok_or_else(|| Error::Protocol("vm without id".into()))?;
+    Ok(Vm {
+        name: v.name.unwrap_or_default(),
+        id,
+    })
+}
+
+/// The `<image_transfer>` of a new transfer, in the SDK's order (simple
+/// elements alphabetically, then the links).
+fn transfer_xml(
+    disk_id: &str,
+    host_id: Option<&str>,
+    direction: Direction,
+    backup_id: Option<&str>,
+) -> String {
+    let mut xml = String::from("<image_transfer>\n");
+    xml.push_str(&format!(
+        "  <direction>{}</direction>\n",
+        direction.as_str()
+    ));
+    xml.push_str(&format!("  <format>{}</format>\n", Format::Raw));
+    if let Some(b) = backup_id {
+        xml.push_str(&format!("  <backup id=\"{}\"/>\n", escape(b)));
+    }
+    xml.push_str(&format!("  <disk id=\"{}\"/>\n", escape(disk_id)));
+    if let Some(h) = host_id {
+        xml.push_str(&format!("  <host id=\"{}\"/>\n", escape(h)));
+    }
+    xml.push_str("</image_transfer>\n");
+    xml
+}
+
+/// The `<backup>` of a new backup of `disk_ids`.
+fn backup_xml(disk_ids: &[String], from_checkpoint: Option<&str>, description: &str) -> String {
+    let mut xml = String::from("<backup>\n");
+    xml.push_str(&format!(
+        "  <description>{}</description>\n",
+        escape(description)
+    ));
+    if let Some(c) = from_checkpoint {
+        xml.push_str(&format!(
+            "  <from_checkpoint_id>{}</from_checkpoint_id>\n",
+            escape(c)
+        ));
+    }
+    xml.push_str("  <disks>\n");
+    for id in disk_ids {
+        xml.push_str(&format!("    <disk id=\"{}\"/>\n", escape(id)));
+    }
+    xml.push_str("  </disks>\n</backup>\n");
+    xml
+}
+
+fn parse_backup(body: &[u8]) -> Result<Backup> {
+    let b: BackupXml = quick_xml::de::from_reader(body)
+        .map_err(|e| Error::Protocol(format!("backup XML: {e}")))?;
+    Ok(Backup {
+        id: b
+            .id
+            .ok_or_else(|| Error::Protocol("backup without id".into()))?,
+        phase: b.phase.as_deref().and_then(BackupPhase::parse),
+        from_checkpoint_id: b.from_checkpoint_id.filter(|c| !c.is_empty()),
+        to_checkpoint_id: b.to_checkpoint_id.filter(|c| !c.is_empty()),
+    })
+}
+
+fn backup_disk_of(d: BackupDiskXml) -> Result<BackupDisk> {
+    let mode = d.backup_mode.as_deref().and_then(DiskBackupMode::parse);
+    let disk = disk_of(DiskXml {
+        id: d.id,
+        alias: d.alias,
+        name: d.name,
+        provisioned_size: d.provisioned_size,
+        format: d.format,
+        status: d.status,
+        sparse: d.sparse,
+    })?;
+    Ok(BackupDisk { disk, mode })
 }
 
 fn parse_transfer(body: &[u8]) -> Result<Transfer> {
@@ -620,6 +952,59 @@ mod tests {
         assert!(origin_of("ftp://x/").is_none());
         assert_eq!(form_encode("admin@internal"), "admin%40internal");
         assert_eq!(path_part("ab-1/../x"), "ab-1x");
+    }
+
+    #[test]
+    fn vms_attachments_backups_and_their_disks() {
+        let vms = br#"<vms><vm href="/ovirt-engine/api/vms/v1" id="v1"><link href="/x" rel="backups"/><link href="/y" rel="checkpoints"/><description></description><name>vm1</name><status>down</status><cluster href="/c" id="c"/><template href="/t" id="t"/></vm></vms>"#;
+        let l: VmsXml = quick_xml::de::from_reader(&vms[..]).unwrap();
+        let v: Vec<Vm> = l.vm.into_iter().map(|v| vm_of(v).unwrap()).collect();
+        assert_eq!(
+            v,
+            [Vm {
+                id: "v1".into(),
+                name: "vm1".into()
+            }]
+        );
+        let atts = br#"<disk_attachments><disk_attachment href="/a" id="d1"><active>true</active><bootable>false</bootable><interface>virtio_scsi</interface><disk href="/disks/d1" id="d1"/><vm href="/vms/v1" id="v1"/></disk_attachment><disk_attachment id="d2"><active>false</active><disk id="d2"/></disk_attachment></disk_attachments>"#;
+        let l: AttachmentsXml = quick_xml::de::from_reader(&atts[..]).unwrap();
+        assert_eq!(l.disk_attachment.len(), 2);
+        assert_eq!(
+            l.disk_attachment[0]
+                .disk
+                .as_ref()
+                .and_then(|d| d.id.as_deref()),
+            Some("d1")
+        );
+        assert_eq!(l.disk_attachment[1].active, Some(false));
+        let b = parse_backup(br#"<backup href="/b" id="b1"><actions><link href="/f" rel="finalize"/></actions><link href="/d" rel="disks"/><creation_date>2026-11-30T11:25:20.000Z</creation_date><description>d</description><from_checkpoint_id>c0</from_checkpoint_id><phase>ready</phase><to_checkpoint_id>c1</to_checkpoint_id><vm href="/vms/v1" id="v1"/></backup>"#).unwrap();
+        assert_eq!(
+            b,
+            Backup {
+                id: "b1".into(),
+                phase: Some(BackupPhase::Ready),
+                from_checkpoint_id: Some("c0".into()),
+                to_checkpoint_id: Some("c1".into()),
+            }
+        );
+        let disks = br#"<disks><disk href="/disks/d1" id="d1"><actual_size>0</actual_size><alias>a</alias><backup>incremental</backup><backup_mode>incremental</backup_mode><format>cow</format><name>a</name><provisioned_size>10</provisioned_size><status>locked</status><storage_domains><storage_domain id="s"/></storage_domains></disk></disks>"#;
+        let l: BackupDisksXml = quick_xml::de::from_reader(&disks[..]).unwrap();
+        let d = backup_disk_of(l.disk.into_iter().next().unwrap()).unwrap();
+        assert_eq!(d.mode, Some(DiskBackupMode::Incremental));
+        assert_eq!(d.disk.alias.as_deref(), Some("a"));
+        assert_eq!(d.disk.provisioned_size, Some(10));
+        // The SDK's order: simple elements alphabetically, then the links.
+        assert_eq!(
+            transfer_xml("d", None, Direction::Download, Some("b")),
+            "<image_transfer>\n  <direction>download</direction>\n  <format>raw</format>\n  \
+             <backup id=\"b\"/>\n  <disk id=\"d\"/>\n</image_transfer>\n"
+        );
+        assert_eq!(
+            backup_xml(&["d1".to_string()], Some("c<"), "x"),
+            "<backup>\n  <description>x</description>\n  \
+             <from_checkpoint_id>c&lt;</from_checkpoint_id>\n  <disks>\n    \
+             <disk id=\"d1\"/>\n  </disks>\n</backup>\n"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod nbd_qemu_img;
 mod nbd_raw;
 mod nbd_tls;
 mod nbd_uri;
+mod serve_backup;
 mod serve_coalesce;
 mod serve_embedded;
 mod serve_imageio_url;

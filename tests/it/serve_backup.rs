@@ -1,0 +1,485 @@
+//! `nbdbridge serve --backup VM` on the embedded default: a VM of the
+//! embedded engine (made through its REST API by `nbdbridge engine` on the
+//! same data dir, which is then stopped), its disks filled through `serve
+//! --disk`, backed up by serve and copied by real clients from one NBD
+//! server with one export per disk.
+
+use crate::support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use support::api::Api;
+use support::engine::{Engine, element, first_id};
+use support::{Proc, bin, require, run_ok, wait_until};
+
+const MIB: usize = 1 << 20;
+/// The QCOW2 disk enabled for incremental backup.
+const COW_SIZE: usize = 16 * MIB;
+/// The raw disk (full backups only).
+const RAW_SIZE: usize = 8 * MIB;
+const VM: &str = "vm-bk";
+
+fn have_tools() -> bool {
+    require("qemu-img") && require("qemu-nbd") && require("qemu-io") && require("nbdinfo")
+}
+
+/// `nbdbridge engine` on `data`, and its API.
+fn engine(data: &Path) -> (Engine, Api) {
+    let engine = Engine::start(data, &[], &[]);
+    let api = Api {
+        url: engine.url.clone(),
+        password_file: engine.password_file.to_string_lossy().into_owned(),
+    };
+    (engine, api)
+}
+
+/// Stop the engine (SIGTERM) so that serve's embedded one can open the
+/// data dir.
+fn stop(mut engine: Engine) {
+    engine.proc.signal(15);
+    let status = engine.proc.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "engine exit: {status}");
+}
+
+/// qemu-nbd processes the engines started on `data`, killed at the end
+/// (an engine that stops keeps those of open transfers running).
+struct Leftovers(PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let Ok(run) = std::fs::read_dir(self.0.join("run")) else {
+            return;
+        };
+        let data = self.0.to_string_lossy().into_owned();
+        for entry in run.flatten() {
+            if entry.path().extension().is_none_or(|e| e != "pid") {
+                continue;
+            }
+            let Some(pid) = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("qemu-nbd") && cmdline.contains(&data) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
+
+/// Create a disk and wait until it is `ok`; its id.
+fn new_disk(api: &Api, alias: &str, format: &str, size: usize, incremental: bool) -> String {
+    let backup = if incremental {
+        "<backup>incremental</backup>"
+    } else {
+        ""
+    };
+    let (status, xml) = api.call(
+        "POST",
+        "/disks",
+        &format!(
+            "<disk><alias>{alias}</alias>{backup}<format>{format}</format>\
+             <provisioned_size>{size}</provisioned_size></disk>"
+        ),
+    );
+    assert!((200..300).contains(&status), "add disk: {status} {xml}");
+    let id = first_id(&xml).unwrap().to_string();
+    wait_until("disk ok", Duration::from_secs(30), || {
+        element(&api.call("GET", &format!("/disks/{id}"), "").1, "status") == Some("ok")
+    });
+    id
+}
+
+/// Create VM `name` with `disks` attached; its id.
+fn new_vm(api: &Api, name: &str, disks: &[&str]) -> String {
+    let (status, xml) = api.call(
+        "POST",
+        "/vms",
+        &format!(
+            "<vm><name>{name}</name><cluster><name>Default</name></cluster>\
+             <template><name>Blank</name></template></vm>"
+        ),
+    );
+    assert!((200..300).contains(&status), "add vm: {status} {xml}");
+    let id = first_id(&xml).unwrap().to_string();
+    for disk in disks {
+        let (status, xml) = api.call(
+            "POST",
+            &format!("/vms/{id}/diskattachments"),
+            &format!(
+                "<disk_attachment><active>true</active><bootable>false</bootable>\
+                 <interface>virtio_scsi</interface><disk id=\"{disk}\"/></disk_attachment>"
+            ),
+        );
+        assert!(
+            (200..300).contains(&status),
+            "attach {disk}: {status} {xml}"
+        );
+    }
+    id
+}
+
+/// `serve --engine-url` for `disk` (an upload), with `client` run on its
+/// URI; serve must finalize and exit 0.
+fn upload_with(api: &Api, dir: &Path, disk: &str, client: impl FnOnce(&str)) {
+    let sock = dir.join(format!("up-{}.sock", &disk[..8]));
+    let log = sock.with_extension("log");
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--engine-url", &api.url, "--password-file"])
+        .arg(&api.password_file)
+        .args(["--disk", disk, "--socket"])
+        .arg(&sock)
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut up = Proc::start_announcing("nbdbridge serve (upload)", cmd);
+    client(up.first_line.as_str());
+    let status = up.wait_exit(Duration::from_secs(60));
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "upload serve: {status}\n{log}");
+}
+
+/// Upload the raw image `src` into `disk` with `qemu-img convert`.
+fn upload(api: &Api, dir: &Path, disk: &str, src: &Path) {
+    upload_with(api, dir, disk, |uri| {
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+                .arg(src)
+                .arg(uri),
+        );
+    });
+}
+
+/// A raw image of `size` bytes: `data` written at each offset, zero
+/// elsewhere.
+fn image(path: &Path, size: usize, data: &[(usize, Vec<u8>)]) -> Vec<u8> {
+    let mut bytes = vec![0u8; size];
+    for (offset, d) in data {
+        bytes[*offset..offset + d.len()].copy_from_slice(d);
+    }
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// `serve --backup VM EXTRA` on the embedded default over `data`.
+struct Backup {
+    serve: Proc,
+    log: PathBuf,
+    uri: String,
+    backup: String,
+    /// Disk id -> its export's URI.
+    disks: BTreeMap<String, String>,
+}
+
+impl Backup {
+    fn start(data: &Path, dir: &Path, extra: &[&str], disks: usize) -> Backup {
+        let sock = dir.join("backup.sock");
+        let log = dir.join("backup.log");
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--backup", VM])
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap());
+        let serve = Proc::start_announcing("nbdbridge serve --backup", cmd);
+        let uri = serve.first_line.clone();
+        assert!(uri.starts_with("nbd+unix:///?socket="), "{uri}");
+        let mut b = Backup {
+            serve,
+            log,
+            uri,
+            backup: String::new(),
+            disks: BTreeMap::new(),
+        };
+        let line = b.next_line();
+        b.backup = line
+            .strip_prefix("backup=")
+            .unwrap_or_else(|| panic!("a backup= line: {line:?}"))
+            .to_string();
+        for _ in 0..disks {
+            let line = b.next_line();
+            let (disk, uri) = line
+                .strip_prefix("disk=")
+                .and_then(|l| l.split_once(" uri="))
+                .unwrap_or_else(|| panic!("a disk=ID uri=URI line: {line:?}"));
+            assert!(
+                uri.starts_with(&format!("nbd+unix:///{disk}?socket=")),
+                "{line}"
+            );
+            b.disks.insert(disk.to_string(), uri.to_string());
+        }
+        b
+    }
+
+    /// The next stdout line.
+    fn next_line(&self) -> String {
+        self.serve
+            .lines
+            .as_ref()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no more stdout from serve:\n{}", self.log()))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `nbdinfo --list --json`: export name -> description.
+    fn list(&self) -> BTreeMap<String, String> {
+        let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &self.uri]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["export-name"].as_str().unwrap().to_string(),
+                    e["description"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Copy disk `disk` with `qemu-img convert` and compare it with
+    /// `expected`.
+    fn copy_compare(&self, dir: &Path, disk: &str, expected: &Path) {
+        let copy = dir.join(format!("{disk}.raw"));
+        let _ = std::fs::remove_file(&copy);
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "raw"])
+                .arg(&self.disks[disk])
+                .arg(&copy),
+        );
+        let out = run_ok(
+            Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(expected)
+                .arg(&copy),
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("identical"),
+            "disk {disk}"
+        );
+    }
+
+    /// Wait for the checkpoint line and exit 0; the checkpoint.
+    fn finish(mut self) -> (String, String) {
+        let line = self.next_line();
+        let checkpoint = line
+            .strip_prefix("checkpoint=")
+            .unwrap_or_else(|| panic!("a checkpoint= line: {line:?}\n{}", self.log()))
+            .to_string();
+        let status = self.serve.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "serve --backup: {status}\n{}", self.log());
+        (self.backup, checkpoint)
+    }
+}
+
+/// A data dir with VM `VM` and its two disks, their data uploaded, and no
+/// engine running on it.
+struct Fixture {
+    data: PathBuf,
+    cow: String,
+    cow_src: PathBuf,
+    cow_bytes: Vec<u8>,
+    raw: String,
+    raw_src: PathBuf,
+    vm: String,
+    _leftovers: Leftovers,
+}
+
+fn fixture(dir: &Path) -> Fixture {
+    let data = dir.join("data");
+    let leftovers = Leftovers(data.clone());
+    let (engine, api) = engine(&data);
+    let cow = new_disk(&api, "bk-cow", "cow", COW_SIZE, true);
+    let raw = new_disk(&api, "bk-raw", "raw", RAW_SIZE, false);
+    let vm = new_vm(&api, VM, &[cow.as_str(), raw.as_str()]);
+    let cow_src = dir.join("cow-src.raw");
+    let cow_bytes = image(
+        &cow_src,
+        COW_SIZE,
+        &[
+            (0, support::pattern(1, MIB)),
+            (8 * MIB, support::pattern(2, MIB / 2)),
+        ],
+    );
+    let raw_src = dir.join("raw-src.raw");
+    image(&raw_src, RAW_SIZE, &[(MIB, support::pattern(3, 2 * MIB))]);
+    upload(&api, dir, &cow, &cow_src);
+    upload(&api, dir, &raw, &raw_src);
+    stop(engine);
+    Fixture {
+        data,
+        cow,
+        cow_src,
+        cow_bytes,
+        raw,
+        raw_src,
+        vm,
+        _leftovers: leftovers,
+    }
+}
+
+/// The backup `id` of `vm` as the engine (started again on `data`) shows
+/// it: (phase, from_checkpoint_id, to_checkpoint_id).
+fn backup_state(data: &Path, vm: &str, id: &str) -> (String, Option<String>, Option<String>) {
+    let (engine, api) = engine(data);
+    let (status, xml) = api.call("GET", &format!("/vms/{vm}/backups/{id}"), "");
+    assert_eq!(status, 200, "{xml}");
+    let got = (
+        element(&xml, "phase").unwrap_or("").to_string(),
+        element(&xml, "from_checkpoint_id").map(str::to_string),
+        element(&xml, "to_checkpoint_id").map(str::to_string),
+    );
+    let (_, checkpoints) = api.call("GET", &format!("/vms/{vm}/checkpoints"), "");
+    if let Some(c) = &got.2 {
+        assert!(checkpoints.contains(c.as_str()), "{checkpoints}");
+    }
+    stop(engine);
+    got
+}
+
+/// A full backup of both disks; the checkpoint it printed.
+fn full_backup(f: &Fixture, dir: &Path) -> String {
+    let b = Backup::start(&f.data, dir, &[], 2);
+    let mut want = vec![f.cow.clone(), f.raw.clone()];
+    want.sort();
+    assert_eq!(
+        b.disks.keys().cloned().collect::<Vec<_>>(),
+        want,
+        "one disk= line per disk"
+    );
+    // One export per disk, named by its id, described by its alias.
+    let list = b.list();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(list[&f.cow].contains("bk-cow"), "{list:?}");
+    assert!(list[&f.raw].contains("bk-raw"), "{list:?}");
+    assert!(list[&f.cow].contains("full"), "{list:?}");
+    // A probe ends nothing.
+    run_ok(Command::new("nbdinfo").arg(&b.disks[&f.cow]));
+    b.copy_compare(dir, &f.cow, &f.cow_src);
+    b.copy_compare(dir, &f.raw, &f.raw_src);
+    let (backup, checkpoint) = b.finish();
+    assert!(
+        !checkpoint.is_empty(),
+        "a disk enabled for incremental backup makes a checkpoint"
+    );
+    let (phase, from, to) = backup_state(&f.data, &f.vm, &backup);
+    assert_eq!(phase, "succeeded");
+    assert_eq!(from, None);
+    assert_eq!(to.as_deref(), Some(checkpoint.as_str()));
+    checkpoint
+}
+
+#[test]
+fn a_full_backup_serves_one_export_per_disk_and_prints_the_checkpoint() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixture(tmp.path());
+    full_backup(&f, tmp.path());
+}
+
+/// Depends on the embedded data server reading the QCOW2 bitmap of a
+/// dirty `nbd:` ticket (until then it reports the whole disk dirty, or no
+/// dirty extents at all).
+#[test]
+fn an_incremental_backup_offers_the_changes_as_a_dirty_bitmap() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let f = fixture(dir);
+    let first = full_backup(&f, dir);
+
+    // Change 64 KiB of the cow disk, through the engine's qemu-nbd.
+    let (engine, api) = engine(&f.data);
+    const CHANGE: usize = 64 << 10;
+    upload_with(&api, dir, &f.cow, |uri| {
+        run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "write -P 0x77 4M 64k"])
+                .arg(uri),
+        );
+    });
+    stop(engine);
+    let mut now = f.cow_bytes.clone();
+    now[4 * MIB..4 * MIB + CHANGE].fill(0x77);
+    let cow_now = dir.join("cow-now.raw");
+    std::fs::write(&cow_now, &now).unwrap();
+
+    let b = Backup::start(&f.data, dir, &["--from-checkpoint", first.as_str()], 2);
+    let list = b.list();
+    let context = format!("qemu:dirty-bitmap:{first}");
+    assert!(list[&f.cow].contains("incremental"), "{list:?}");
+    assert!(list[&f.cow].contains(&context), "{list:?}");
+    assert!(
+        list[&f.raw].contains("full"),
+        "the raw disk is taken whole: {list:?}"
+    );
+    let map = run_ok(
+        Command::new("nbdinfo")
+            .arg(format!("--map={context}"))
+            .arg(&b.disks[&f.cow]),
+    );
+    let map = String::from_utf8_lossy(&map.stdout).into_owned();
+    let dirty: Vec<(u64, u64)> = map
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.get(2) == Some(&"1")).then(|| (w[0].parse().unwrap(), w[1].parse().unwrap()))
+        })
+        .collect();
+    let at = (4 * MIB) as u64;
+    assert!(
+        dirty
+            .iter()
+            .any(|(o, l)| *o <= at && at + (CHANGE as u64) <= o + l),
+        "the changed range is dirty:\n{map}"
+    );
+    let total: u64 = dirty.iter().map(|(_, l)| l).sum();
+    assert!(
+        total <= (MIB as u64),
+        "only the change is dirty, not the first upload ({total} bytes):\n{map}"
+    );
+    // A full read covers the dirty data too.
+    b.copy_compare(dir, &f.cow, &cow_now);
+    b.copy_compare(dir, &f.raw, &f.raw_src);
+    let (backup, second) = b.finish();
+    assert!(!second.is_empty() && second != first, "{first} {second}");
+    let (phase, from, to) = backup_state(&f.data, &f.vm, &backup);
+    assert_eq!(phase, "succeeded");
+    assert_eq!(from.as_deref(), Some(first.as_str()));
+    assert_eq!(to.as_deref(), Some(second.as_str()));
+}
+
+#[test]
+fn an_unknown_vm_is_a_clear_error_with_nothing_on_stdout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--socket")
+        .arg(tmp.path().join("s.sock"))
+        .args(["--backup", "nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("there is no VM 'nope'"), "{err}");
+    assert!(out.stdout.is_empty(), "no URI is printed on failure");
+}
