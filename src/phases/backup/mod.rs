@@ -315,12 +315,10 @@ impl Machine {
                 State::Starting | State::WaitingReady | State::Opening(_) => {
                     self.give_up(format!("interrupted by {sig}"), &mut out);
                 }
-                State::Serving => {
-                    // The disks' rules finalize each download; their ends
-                    // come back one by one.
-                    if self.interrupted.is_none() {
-                        self.interrupted = Some(sig);
-                    }
+                // The disks' rules finalize each download; their ends
+                // come back one by one.
+                State::Serving if self.interrupted.is_none() => {
+                    self.interrupted = Some(sig);
                 }
                 // Already on the way out: a signal changes nothing.
                 _ => {}
