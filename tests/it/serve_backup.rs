@@ -1,8 +1,9 @@
-//! `nbdbridge serve --backup VM` on the embedded default: a VM of the
-//! embedded engine (made through its REST API by `nbdbridge engine` on the
-//! same data dir, which is then stopped), its disks filled through `serve
-//! --disk`, backed up by serve and copied by real clients from one NBD
-//! server with one export per disk.
+//! `nbdbridge serve --backup VM` on the embedded default (a VM of the
+//! embedded engine, made through its REST API by `nbdbridge engine` on the
+//! same data dir, which is then stopped) and with `--engine-url` (an
+//! engine whose host is the real ovirt-imageio daemon): the VM's disks
+//! filled through `serve --disk`, backed up by serve and copied by real
+//! clients from one NBD server with one export per disk.
 
 use crate::support;
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use support::api::Api;
-use support::engine::{Engine, element, first_id};
+use support::engine::{Engine, Imageio, element, first_id};
 use support::{Proc, bin, require, run_ok, wait_until};
 
 const MIB: usize = 1 << 20;
@@ -176,13 +177,12 @@ struct Backup {
 }
 
 impl Backup {
-    fn start(data: &Path, dir: &Path, extra: &[&str], disks: usize) -> Backup {
+    fn start(f: &Fixture, dir: &Path, extra: &[&str], disks: usize) -> Backup {
         let sock = dir.join("backup.sock");
         let log = dir.join("backup.log");
         let mut cmd = Command::new(bin());
         cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(data)
+            .args(f.serve_args())
             .arg("--socket")
             .arg(&sock)
             .args(["--backup", VM])
@@ -285,9 +285,29 @@ impl Backup {
     }
 }
 
-/// A data dir with VM `VM` and its two disks, their data uploaded, and no
-/// engine running on it.
+/// Where the backup runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Site {
+    /// `serve --backup` on the embedded default over the data dir (no
+    /// engine running on it meanwhile).
+    Embedded,
+    /// `serve --backup --engine-url` against `nbdbridge engine`, whose
+    /// host is the real ovirt-imageio daemon.
+    Daemon,
+}
+
+/// The engine (and its daemon host) that stays up for [`Site::Daemon`].
+struct Running {
+    engine: Engine,
+    api: Api,
+    _imageio: Imageio,
+}
+
+/// A data dir with VM `VM` and its two disks, their data uploaded: with no
+/// engine running on it ([`Site::Embedded`]) or with the engine up
+/// ([`Site::Daemon`]).
 struct Fixture {
+    running: Option<Running>,
     data: PathBuf,
     cow: String,
     cow_src: PathBuf,
@@ -298,10 +318,16 @@ struct Fixture {
     _leftovers: Leftovers,
 }
 
-fn fixture(dir: &Path) -> Fixture {
+fn fixture(dir: &Path, site: Site) -> Fixture {
     let data = dir.join("data");
     let leftovers = Leftovers(data.clone());
-    let (engine, api) = engine(&data);
+    let imageio = (site == Site::Daemon).then(|| Imageio::start(&dir.join("imageio")));
+    let hosts: Vec<String> = imageio.iter().map(|d| d.host_arg("h1")).collect();
+    let engine = Engine::start(&data, &hosts, &[]);
+    let api = Api {
+        url: engine.url.clone(),
+        password_file: engine.password_file.to_string_lossy().into_owned(),
+    };
     let cow = new_disk(&api, "bk-cow", "cow", COW_SIZE, true);
     let raw = new_disk(&api, "bk-raw", "raw", RAW_SIZE, false);
     let vm = new_vm(&api, VM, &[cow.as_str(), raw.as_str()]);
@@ -318,8 +344,19 @@ fn fixture(dir: &Path) -> Fixture {
     image(&raw_src, RAW_SIZE, &[(MIB, support::pattern(3, 2 * MIB))]);
     upload(&api, dir, &cow, &cow_src);
     upload(&api, dir, &raw, &raw_src);
-    stop(engine);
+    let running = match imageio {
+        Some(imageio) => Some(Running {
+            engine,
+            api,
+            _imageio: imageio,
+        }),
+        None => {
+            stop(engine);
+            None
+        }
+    };
     Fixture {
+        running,
         data,
         cow,
         cow_src,
@@ -331,10 +368,43 @@ fn fixture(dir: &Path) -> Fixture {
     }
 }
 
-/// The backup `id` of `vm` as the engine (started again on `data`) shows
-/// it: (phase, from_checkpoint_id, to_checkpoint_id).
-fn backup_state(data: &Path, vm: &str, id: &str) -> (String, Option<String>, Option<String>) {
-    let (engine, api) = engine(data);
+impl Fixture {
+    /// Run `f` with the engine's API: the running one, or one started on
+    /// the data dir for the time of `f`.
+    fn with_api<T>(&self, f: impl FnOnce(&Api) -> T) -> T {
+        if let Some(r) = &self.running {
+            return f(&r.api);
+        }
+        let (engine, api) = engine(&self.data);
+        let out = f(&api);
+        stop(engine);
+        out
+    }
+
+    /// Where serve finds the engine: the data dir, or the running engine.
+    fn serve_args(&self) -> Vec<String> {
+        match &self.running {
+            None => vec![
+                "--data-dir".into(),
+                self.data.to_string_lossy().into_owned(),
+            ],
+            Some(r) => vec![
+                "--engine-url".into(),
+                r.engine.url.clone(),
+                "--password-file".into(),
+                r.api.password_file.clone(),
+            ],
+        }
+    }
+}
+
+/// The backup `id` of the fixture's VM as the engine shows it: (phase,
+/// from_checkpoint_id, to_checkpoint_id).
+fn backup_state(f: &Fixture, id: &str) -> (String, Option<String>, Option<String>) {
+    f.with_api(|api| backup_state_of(api, &f.vm, id))
+}
+
+fn backup_state_of(api: &Api, vm: &str, id: &str) -> (String, Option<String>, Option<String>) {
     let (status, xml) = api.call("GET", &format!("/vms/{vm}/backups/{id}"), "");
     assert_eq!(status, 200, "{xml}");
     let got = (
@@ -346,13 +416,12 @@ fn backup_state(data: &Path, vm: &str, id: &str) -> (String, Option<String>, Opt
     if let Some(c) = &got.2 {
         assert!(checkpoints.contains(c.as_str()), "{checkpoints}");
     }
-    stop(engine);
     got
 }
 
 /// A full backup of both disks; the checkpoint it printed.
 fn full_backup(f: &Fixture, dir: &Path) -> String {
-    let b = Backup::start(&f.data, dir, &[], 2);
+    let b = Backup::start(f, dir, &[], 2);
     let mut want = vec![f.cow.clone(), f.raw.clone()];
     want.sort();
     assert_eq!(
@@ -375,20 +444,40 @@ fn full_backup(f: &Fixture, dir: &Path) -> String {
         !checkpoint.is_empty(),
         "a disk enabled for incremental backup makes a checkpoint"
     );
-    let (phase, from, to) = backup_state(&f.data, &f.vm, &backup);
+    let (phase, from, to) = backup_state(f, &backup);
     assert_eq!(phase, "succeeded");
     assert_eq!(from, None);
     assert_eq!(to.as_deref(), Some(checkpoint.as_str()));
     checkpoint
 }
 
-#[test]
-fn a_full_backup_serves_one_export_per_disk_and_prints_the_checkpoint() {
-    if !have_tools() {
+/// Each test on both sites.
+macro_rules! on_both_sites {
+    ($flow:ident) => {
+        mod $flow {
+            #[test]
+            fn embedded_default() {
+                super::$flow(super::Site::Embedded)
+            }
+            #[test]
+            fn engine_with_the_real_daemon() {
+                super::$flow(super::Site::Daemon)
+            }
+        }
+    };
+}
+
+fn have_daemon(site: Site) -> bool {
+    site == Site::Embedded || support::engine::have_tools()
+}
+
+on_both_sites!(a_full_backup_serves_one_export_per_disk_and_prints_the_checkpoint);
+fn a_full_backup_serves_one_export_per_disk_and_prints_the_checkpoint(site: Site) {
+    if !(have_tools() && have_daemon(site)) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let f = fixture(tmp.path());
+    let f = fixture(tmp.path(), site);
     full_backup(&f, tmp.path());
 }
 
@@ -402,26 +491,26 @@ fn an_incremental_backup_offers_the_changes_as_a_dirty_bitmap() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let f = fixture(dir);
+    let f = fixture(dir, Site::Embedded);
     let first = full_backup(&f, dir);
 
     // Change 64 KiB of the cow disk, through the engine's qemu-nbd.
-    let (engine, api) = engine(&f.data);
     const CHANGE: usize = 64 << 10;
-    upload_with(&api, dir, &f.cow, |uri| {
-        run_ok(
-            Command::new("qemu-io")
-                .args(["-f", "raw", "-c", "write -P 0x77 4M 64k"])
-                .arg(uri),
-        );
+    f.with_api(|api| {
+        upload_with(api, dir, &f.cow, |uri| {
+            run_ok(
+                Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", "write -P 0x77 4M 64k"])
+                    .arg(uri),
+            );
+        })
     });
-    stop(engine);
     let mut now = f.cow_bytes.clone();
     now[4 * MIB..4 * MIB + CHANGE].fill(0x77);
     let cow_now = dir.join("cow-now.raw");
     std::fs::write(&cow_now, &now).unwrap();
 
-    let b = Backup::start(&f.data, dir, &["--from-checkpoint", first.as_str()], 2);
+    let b = Backup::start(&f, dir, &["--from-checkpoint", first.as_str()], 2);
     let list = b.list();
     let context = format!("qemu:dirty-bitmap:{first}");
     assert!(list[&f.cow].contains("incremental"), "{list:?}");
@@ -460,7 +549,7 @@ fn an_incremental_backup_offers_the_changes_as_a_dirty_bitmap() {
     b.copy_compare(dir, &f.raw, &f.raw_src);
     let (backup, second) = b.finish();
     assert!(!second.is_empty() && second != first, "{first} {second}");
-    let (phase, from, to) = backup_state(&f.data, &f.vm, &backup);
+    let (phase, from, to) = backup_state(&f, &backup);
     assert_eq!(phase, "succeeded");
     assert_eq!(from.as_deref(), Some(first.as_str()));
     assert_eq!(to.as_deref(), Some(second.as_str()));
@@ -484,24 +573,24 @@ fn an_unknown_vm_is_a_clear_error_with_nothing_on_stdout() {
     assert!(out.stdout.is_empty(), "no URI is printed on failure");
 }
 
+on_both_sites!(an_incremental_backup_restored_onto_the_full_one_equals_the_disk);
 /// The NBD flow a backup tool runs: a full backup converted into
 /// `full.qcow2`; writes (data and zeroes) to the disk through `serve
 /// --disk`; an incremental backup restored by a libnbd script that copies
 /// only the dirty extents into an overlay backed by `full.qcow2`. The
 /// restored chain equals the disk at each checkpoint, and the incremental
 /// read a small part of what the full did.
-#[test]
-fn an_incremental_backup_restored_onto_the_full_one_equals_the_disk() {
-    if !(have_tools() && require(support::SYSTEM_PYTHON)) {
+fn an_incremental_backup_restored_onto_the_full_one_equals_the_disk(site: Site) {
+    if !(have_tools() && have_daemon(site) && require(support::SYSTEM_PYTHON)) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let f = fixture(dir);
+    let f = fixture(dir, site);
 
     // Full: the cow disk into full.qcow2, the raw disk read whole.
     let full = dir.join("full.qcow2");
-    let b = Backup::start(&f.data, dir, &[], 2);
+    let b = Backup::start(&f, dir, &[], 2);
     run_ok(
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "qcow2"])
@@ -514,16 +603,16 @@ fn an_incremental_backup_restored_onto_the_full_one_equals_the_disk() {
     compare_qcow2(&full, &f.cow_src, "the full backup");
 
     // Writes after the checkpoint: data over a hole, zeroes over data.
-    let (engine, api) = engine(&f.data);
-    upload_with(&api, dir, &f.cow, |uri| {
-        run_ok(
-            Command::new("qemu-io")
-                .args(["-f", "raw", "-c", "write -P 0x5a 6M 192k"])
-                .args(["-c", "write -z 256k 128k"])
-                .arg(uri),
-        );
+    f.with_api(|api| {
+        upload_with(api, dir, &f.cow, |uri| {
+            run_ok(
+                Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", "write -P 0x5a 6M 192k"])
+                    .args(["-c", "write -z 256k 128k"])
+                    .arg(uri),
+            );
+        })
     });
-    stop(engine);
     let mut now = f.cow_bytes.clone();
     now[6 * MIB..6 * MIB + (192 << 10)].fill(0x5a);
     now[256 << 10..384 << 10].fill(0);
@@ -547,7 +636,7 @@ fn an_incremental_backup_restored_onto_the_full_one_equals_the_disk() {
     wait_until("qemu-nbd on the overlay", support::START_DEADLINE, || {
         std::os::unix::net::UnixStream::connect(&ov_sock).is_ok()
     });
-    let b = Backup::start(&f.data, dir, &["--from-checkpoint", first.as_str()], 2);
+    let b = Backup::start(&f, dir, &["--from-checkpoint", first.as_str()], 2);
     let context = format!("qemu:dirty-bitmap:{first}");
     let out = run_ok(
         Command::new(support::SYSTEM_PYTHON)
