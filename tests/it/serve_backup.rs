@@ -685,3 +685,94 @@ fn compare_qcow2(image: &Path, raw: &Path, what: &str) {
         "{what}"
     );
 }
+
+on_both_sites!(a_client_that_vanishes_half_way_leaves_the_backup_to_the_next);
+/// A backup client killed half-way through a disk ends nothing: the backup
+/// stays `ready` and the next client's full copy completes it.
+fn a_client_that_vanishes_half_way_leaves_the_backup_to_the_next(site: Site) {
+    if !(have_tools() && have_daemon(site) && require(support::SYSTEM_PYTHON)) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let f = fixture(dir, site);
+    let b = Backup::start(&f, dir, &[], 2);
+    // Read the first MiB of data, then die without NBD_CMD_DISC.
+    let out = run_ok(
+        Command::new(support::SYSTEM_PYTHON)
+            .args([
+                "-c",
+                "import nbd, os, sys\n\
+                 h = nbd.NBD()\n\
+                 h.connect_uri(sys.argv[1])\n\
+                 assert len(h.pread(1 << 20, 0)) == 1 << 20\n\
+                 print('read', flush=True)\n\
+                 os._exit(0)\n",
+            ])
+            .arg(&b.disks[&f.cow]),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "read");
+    // Still served (a round trip), and the backup is still ready.
+    assert_eq!(b.list().len(), 2);
+    if site == Site::Daemon {
+        let (phase, _, _) = f.with_api(|api| backup_state_of(api, &f.vm, &b.backup));
+        assert_eq!(phase, "ready", "a vanished client finalizes nothing");
+    }
+    b.copy_compare(dir, &f.cow, &f.cow_src);
+    b.copy_compare(dir, &f.raw, &f.raw_src);
+    let (backup, checkpoint) = b.finish();
+    assert!(!checkpoint.is_empty());
+    let (phase, _, to) = backup_state(&f, &backup);
+    assert_eq!(phase, "succeeded");
+    assert_eq!(to.as_deref(), Some(checkpoint.as_str()));
+}
+
+/// A backup from a checkpoint that was removed is refused with the
+/// engine's reason, prints no URI, and leaves no backup running; a full
+/// backup still works after it.
+#[test]
+fn a_backup_from_a_removed_checkpoint_is_refused_and_leaves_none_running() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let f = fixture(dir, Site::Embedded);
+    let first = full_backup(&f, dir);
+    let second = full_backup(&f, dir);
+    f.with_api(|api| {
+        let (status, xml) = api.call("DELETE", &format!("/vms/{}/checkpoints/{first}", f.vm), "");
+        assert!(
+            (200..300).contains(&status),
+            "remove {first}: {status} {xml}"
+        );
+    });
+    let out = Command::new(bin())
+        .arg("serve")
+        .args(f.serve_args())
+        .arg("--socket")
+        .arg(dir.join("refused.sock"))
+        .args(["--backup", VM, "--from-checkpoint", first.as_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&first) && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no URI is printed on failure");
+    let backups = f.with_api(|api| api.call("GET", &format!("/vms/{}/backups", f.vm), "").1);
+    for phase in ["initializing", "starting", "ready", "finalizing"] {
+        assert!(
+            !backups.contains(&format!("<phase>{phase}</phase>")),
+            "no backup left {phase}: {backups}"
+        );
+    }
+    // The remaining checkpoint still serves as a base.
+    let b = Backup::start(&f, dir, &["--from-checkpoint", second.as_str()], 2);
+    b.copy_compare(dir, &f.cow, &f.cow_src);
+    b.copy_compare(dir, &f.raw, &f.raw_src);
+    let (_, third) = b.finish();
+    assert!(!third.is_empty() && third != second);
+}
