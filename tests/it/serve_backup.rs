@@ -776,3 +776,65 @@ fn a_backup_from_a_removed_checkpoint_is_refused_and_leaves_none_running() {
     let (_, third) = b.finish();
     assert!(!third.is_empty() && third != second);
 }
+
+/// `serve --backup VM --run CMD`: a CMD that copies every disk ends the
+/// backup with exit 0 and the checkpoint line; a CMD that exits 0 having
+/// read only one disk makes the backup incomplete (exit 1, no checkpoint).
+#[test]
+fn run_copies_every_disk_or_the_backup_is_incomplete() {
+    if !(have_tools() && require("nbdcopy")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let f = fixture(dir, Site::Embedded);
+    let run = |cmd: String| {
+        Command::new(bin())
+            .arg("serve")
+            .args(f.serve_args())
+            .arg("--socket")
+            .arg(dir.join("run.sock"))
+            .args(["--backup", VM, "--run", cmd.as_str()])
+            .output()
+            .unwrap()
+    };
+    let copy = |disk: &str, to: &Path| {
+        format!(
+            "nbdcopy \"nbd+unix:///{disk}?socket=$unixsocket\" '{}'",
+            to.display()
+        )
+    };
+    let (cow_out, raw_out) = (dir.join("cow.out"), dir.join("raw.out"));
+
+    let out = run(format!(
+        "{} && {}",
+        copy(&f.cow, &cow_out),
+        copy(&f.raw, &raw_out)
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let checkpoint = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("checkpoint="))
+        .unwrap_or_else(|| panic!("a checkpoint line: {stdout}"));
+    assert!(!checkpoint.is_empty(), "{stdout}");
+    assert_eq!(std::fs::read(&cow_out).unwrap(), f.cow_bytes);
+    assert_eq!(
+        std::fs::read(&raw_out).unwrap(),
+        std::fs::read(&f.raw_src).unwrap()
+    );
+
+    let out = run(copy(&f.cow, &dir.join("only-cow.out")));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!stdout.contains("checkpoint="), "{stdout}");
+    let backup = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backup="))
+        .unwrap_or_else(|| panic!("a backup line: {stdout}"))
+        .to_string();
+    let (phase, _, _) = backup_state(&f, &backup);
+    assert_eq!(phase, "succeeded", "the engine's backup still ended: {err}");
+}
