@@ -21,8 +21,9 @@
 # machine's limits measured in the same run: TCP loopback, page cache read,
 # the disk's O_DIRECT read and write.
 #
-# usage: [SIZE_MIB=1024] [REPS=3] OVIRT_UPLOAD_PLUGIN=/path/ovirt-upload-plugin.py \
-#            benches/ovirt_throughput.sh
+# usage: [SIZE_MIB=1024] [REPS=3] [ONLY=write,download,url,embedded] \
+#        OVIRT_UPLOAD_PLUGIN=/path/ovirt-upload-plugin.py benches/ovirt_throughput.sh
+# ONLY picks groups of rows (default: all).
 # OVIRT_UPLOAD_PLUGIN is virt-v2v's output/ovirt-upload-plugin.py (from the
 # virt-v2v sources; never committed here). Without it the plugin rows are
 # skipped. Needs: cargo, qemu-nbd, nbdcopy, nbdkit with its python plugin
@@ -33,6 +34,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 
 SIZE_MIB=${SIZE_MIB:-1024}
+ONLY=${ONLY:-write,download,url,embedded}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 REPS=${REPS:-3}
 PLUGIN=${OVIRT_UPLOAD_PLUGIN:-}
 die() { echo "ovirt_throughput: $*" >&2; exit 1; }
@@ -161,6 +164,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     # Alternate who goes first, so neither always finds the caches warm.
     if (( rep % 2 )); then order=(bridge peer); else order=(peer bridge); fi
     for flags in defaults v2v; do
+        want write || continue
         if [ $flags = v2v ]; then extra=("${V2V_FLAGS[@]}"); else extra=(); fi
         for who in "${order[@]}"; do
             [ $who = peer ] && [ -z "$PLUGIN" ] && continue
@@ -182,7 +186,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
         done
     done
 
-    # Downloads and URL reads of one ticket over the source.
+    # Downloads of one ticket over the source.
+    if want download; then
     serve_image "$SRC" "r$rep"
     cat "$SRC" > /dev/null
     for who in "${order[@]}"; do
@@ -200,8 +205,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
         fi
     done
     stop "$QPID"; QPID=
+    fi
 
     # URL reads: our data server, one file ticket over the source.
+    if want url; then
     rm -f "$WORK/ctl.sock" "$WORK/local.sock"
     start "$BIN" imageio --listen 127.0.0.1:0 --control-socket "$WORK/ctl.sock" --local-socket "$WORK/local.sock"
     IPID=$PID; BASE=$LINE
@@ -221,9 +228,11 @@ for ((rep = 1; rep <= REPS; rep++)); do
         stop "$PID"
     done
     stop "$IPID"
+    fi
 
     # The embedded pipeline against qemu-nbd on a plain file.
     for who in "${order[@]}"; do
+        want embedded || continue
         if [ $who = bridge ]; then
             disk=bench$rep
             start "$BIN" serve --disk "$disk" --size "${SIZE_MIB}M" --data-dir "$WORK/data" --socket "$WORK/e.sock"
