@@ -184,6 +184,15 @@ for ((rep = 1; rep <= REPS; rep++)); do
             stop "$QPID"; QPID=
             check_dst "write-$flags/$who"
         done
+        # The ceiling of any writer through the daemon: nbdcopy straight
+        # into the same qemu-nbd on a fresh file, no HTTP.
+        rm -f "$DST"; truncate -s "$BYTES" "$DST"
+        serve_image "$DST" "c$rep$flags"
+        d0=$(ticks "$DPID"); t0=$(now)
+        nbdcopy "${extra[@]}" "$SRC" "nbd+unix:///?socket=$WORK/q.sock"
+        t1=$(now); record "write-$flags/ceiling" "$t0" "$t1" - 0 "$d0"
+        stop "$QPID"; QPID=
+        check_dst "write-$flags/ceiling"
     done
 
     # Downloads of one ticket over the source.
@@ -300,4 +309,9 @@ echo "peers: write = virt-v2v ovirt-upload plugin (nbdkit python, is_ovirt_host=
 echo "       socket, as the bridge finds it), download = ovirt_imageio.client,"
 echo "       url-read = nbdkit-curl (both on our data server: the daemon has no HEAD), embedded = qemu-nbd on a plain file; dmn% = the imageio daemon's"
 echo "       CPU (100% = one core: the daemon is the ceiling); peer s/G for the client = not measured."
+for flags in defaults v2v; do
+    c=$(med "${MB[write-$flags/ceiling]:-}")
+    [ "$c" = - ] || echo "ceiling: write-$flags straight into qemu-nbd (no daemon, no HTTP): $c MB/s;" \
+        "bridge at $(ratio "$(med "${MB[write-$flags/bridge]:-}")" "$c") of it, peer at $(ratio "$(med "${MB[write-$flags/peer]:-}")" "$c")"
+done
 echo "limits: TCP loopback ${LOOP} MB/s, page cache read ${CACHE} MB/s, disk O_DIRECT read ${DREAD} MB/s, write ${DWRITE} MB/s"
