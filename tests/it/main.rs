@@ -22,6 +22,7 @@ mod nbd_tls;
 mod nbd_uri;
 mod serve_backup;
 mod serve_coalesce;
+mod serve_connections;
 mod serve_embedded;
 mod serve_imageio_url;
 mod serve_phases;

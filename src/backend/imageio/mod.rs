@@ -11,8 +11,9 @@
 //!
 //! Connections: a pool of HTTP/1.1 keep-alive connections sized from the
 //! server's `max_readers` / `max_writers`, over the data server's unix
-//! socket when it is on this host. This module is the only code that reads
-//! HTTP statuses and transport errors ([`status`]).
+//! socket when it is on this host; each slot owns at most one connection
+//! ([`pool`]), so the server never sees more. This module is the only code
+//! that reads HTTP statuses and transport errors ([`status`]).
 
 mod body;
 pub mod coalesce;
@@ -23,10 +24,11 @@ pub mod status;
 pub mod wire;
 mod writer;
 
+use self::body::Parts;
 use self::coalesce::Limits;
 use self::extent_map::ExtentMap;
-use self::pool::Pool;
 pub use self::pool::build_client;
+use self::pool::{Connection, Pool, Target, timed};
 use self::readahead::{Plan, ReadAhead};
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
@@ -34,6 +36,10 @@ use self::writer::Writer;
 use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Result, ZeroFlags};
 use crate::bufpool::PoolBuf;
 use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE};
+use hyper::{Method, StatusCode};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +49,8 @@ use std::time::Duration;
 pub const MAX_CONNECTIONS: usize = 8;
 /// Largest extents answer accepted (bytes of JSON).
 const MAX_EXTENTS_BODY: usize = 256 * 1024 * 1024;
+/// Largest OPTIONS answer accepted (bytes of JSON).
+const MAX_OPTIONS_BODY: usize = 1024 * 1024;
 /// Zeroes written per PUT when the server cannot zero by itself.
 const ZERO_CHUNK: usize = 4 * 1024 * 1024;
 /// Attempts for an idempotent request whose connection failed.
@@ -140,15 +148,30 @@ impl ImageioBackend {
     /// cannot be known.
     pub async fn connect(config: ImageioConfig) -> Result<Self> {
         let url = config.url.trim_end_matches('/').to_string();
-        let probe = pool::build_client(&config.tls, None)?;
+        let target = Target::new(&url, &config.tls, None)?;
+        let mut probe = Connection::new(target.clone());
         let ctx = ErrorContext::default();
-        let resp = probe
-            .request(reqwest::Method::OPTIONS, &url)
-            .send()
+        let body = timed("OPTIONS", &url, async {
+            let resp = probe
+                .send(
+                    "OPTIONS",
+                    Method::OPTIONS,
+                    &url,
+                    HeaderMap::new(),
+                    Parts::empty(),
+                )
+                .await?;
+            let resp = check(resp, "OPTIONS", &ctx).await?;
+            read_all(
+                resp.into_body(),
+                MAX_OPTIONS_BODY,
+                "OPTIONS answer is too large",
+                "OPTIONS",
+                &url,
+            )
             .await
-            .map_err(|e| transport("OPTIONS", &e))?;
-        let resp = check(resp, "OPTIONS", &ctx).await?;
-        let body = resp.bytes().await.map_err(|e| transport("OPTIONS", &e))?;
+        })
+        .await?;
         let options: Options = serde_json::from_slice(&body).map_err(|e| {
             Error::new(
                 ErrorKind::Invalid,
@@ -171,7 +194,21 @@ impl ImageioBackend {
         };
         let n = (advised.unwrap_or(1).max(1) as usize)
             .min(config.max_connections.unwrap_or(MAX_CONNECTIONS).max(1));
-        let pool = Pool::new(n, &config.tls, unix.as_deref())?;
+        let pool = match &unix {
+            // The probe's connection goes to the same place: the pool's
+            // first one.
+            None => Pool::new(n, target, Some(probe)),
+            Some(path) => {
+                // Closed before any data connection opens: the real daemon
+                // holds an NBD connection for it.
+                probe.close().await;
+                Pool::new(
+                    n,
+                    Target::new(&data_url, &config.tls, Some(path.as_path()))?,
+                    None,
+                )
+            }
+        };
         tracing::info!(
             connections = n,
             unix_socket = unix.as_ref().map(|p| p.display().to_string()),
@@ -288,21 +325,23 @@ impl Http {
     async fn fetch_extents(&self, context: &str) -> Result<Vec<Extent>> {
         let what = "GET extents";
         let url = format!("{}/extents?context={context}", self.url);
-        let conn = self.pool.get().await?;
-        let resp = conn
-            .client()
-            .get(&url)
-            .send()
+        let mut conn = self.pool.get().await?;
+        let body = timed(what, &url, async {
+            let resp = conn
+                .send(what, Method::GET, &url, HeaderMap::new(), Parts::empty())
+                .await?;
+            let resp = check(resp, what, &self.ctx()).await?;
+            read_all(
+                resp.into_body(),
+                MAX_EXTENTS_BODY,
+                "extents answer is too large",
+                what,
+                &url,
+            )
             .await
-            .map_err(|e| transport(what, &e))?;
-        let mut resp = check(resp, what, &self.ctx()).await?;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
-            if body.len() + chunk.len() > MAX_EXTENTS_BODY {
-                return Err(Error::new(ErrorKind::Io, "extents answer is too large"));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        })
+        .await?;
+        drop(conn);
         let list = parse_extents(&body).map_err(|m| Error::new(ErrorKind::Io, m))?;
         Ok(list
             .iter()
@@ -318,58 +357,68 @@ impl Http {
 
     async fn read_once(&self, offset: u64, len: usize) -> Result<Bytes> {
         let what = "GET";
-        let conn = self.pool.get().await?;
-        let range = format!("bytes={}-{}", offset, offset + len as u64 - 1);
-        let resp = conn
-            .client()
-            .get(&self.url)
-            .header(reqwest::header::RANGE, range)
-            .send()
-            .await
-            .map_err(|e| transport(what, &e))?;
-        let mut resp = check(resp, what, &self.ctx()).await?;
-        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!("GET answered {} to a range request", resp.status()),
-            ));
-        }
-        let mut buf = PoolBuf::new(len);
-        let dst = buf.as_mut_slice();
-        let mut filled = 0usize;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
-            let Some(slot) = dst.get_mut(filled..filled + chunk.len()) else {
-                return Err(Error::new(ErrorKind::Io, "GET sent more than the range"));
-            };
-            slot.copy_from_slice(&chunk);
-            filled += chunk.len();
-        }
-        if filled != len {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!("GET sent {filled} of {len} bytes"),
-            ));
-        }
-        Ok(buf.freeze())
+        let url = &self.url;
+        let mut conn = self.pool.get().await?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RANGE,
+            header_value(&format!("bytes={}-{}", offset, offset + len as u64 - 1))?,
+        );
+        timed(what, url, async {
+            let resp = conn
+                .send(what, Method::GET, url, headers, Parts::empty())
+                .await?;
+            let resp = check(resp, what, &self.ctx()).await?;
+            if resp.status() != StatusCode::PARTIAL_CONTENT {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("GET answered {} to a range request", resp.status()),
+                ));
+            }
+            let mut body = resp.into_body();
+            let mut buf = PoolBuf::new(len);
+            let dst = buf.as_mut_slice();
+            let mut filled = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| transport(what, url, &e))?;
+                let Ok(chunk) = frame.into_data() else {
+                    continue;
+                };
+                let Some(slot) = dst.get_mut(filled..filled + chunk.len()) else {
+                    return Err(Error::new(ErrorKind::Io, "GET sent more than the range"));
+                };
+                slot.copy_from_slice(&chunk);
+                filled += chunk.len();
+            }
+            if filled != len {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("GET sent {filled} of {len} bytes"),
+                ));
+            }
+            Ok(buf.freeze())
+        })
+        .await
     }
 
     /// One PUT of `parts`, contiguous from `offset`, sent without copying.
     async fn put_once(&self, offset: u64, parts: &[Bytes], flush: bool) -> Result<()> {
         let what = "PUT";
-        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let conn = self.pool.get().await?;
-        let range = format!("bytes {}-{}/*", offset, offset + len.max(1) - 1);
+        let body = Parts::new(parts);
+        let len = body.content_length();
+        let mut conn = self.pool.get().await?;
         let url = format!("{}?flush={}", self.url, if flush { "y" } else { "n" });
-        let resp = conn
-            .client()
-            .put(&url)
-            .header(reqwest::header::CONTENT_RANGE, range)
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(body::parts(parts))
-            .send()
-            .await
-            .map_err(|e| transport(what, &e))?;
-        check(resp, what, &self.ctx()).await?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_RANGE,
+            header_value(&format!("bytes {}-{}/*", offset, offset + len.max(1) - 1))?,
+        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        timed(what, &url, async {
+            let resp = conn.send(what, Method::PUT, &url, headers, body).await?;
+            check(resp, what, &self.ctx()).await
+        })
+        .await?;
         conn.set_dirty();
         Ok(())
     }
@@ -378,19 +427,54 @@ impl Http {
         let what = "PATCH";
         let body = serde_json::to_vec(patch)
             .map_err(|e| Error::new(ErrorKind::Invalid, format!("PATCH body: {e}")))?;
-        let conn = self.pool.get().await?;
-        let resp = conn
-            .client()
-            .patch(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| transport(what, &e))?;
-        check(resp, what, &self.ctx()).await?;
+        let mut conn = self.pool.get().await?;
+        let url = &self.url;
+        timed(what, url, async {
+            let resp = conn
+                .send(what, Method::PATCH, url, json_headers(), Parts::from(body))
+                .await?;
+            check(resp, what, &self.ctx()).await
+        })
+        .await?;
         conn.set_dirty();
         Ok(())
     }
+}
+
+/// Headers of a JSON request body.
+fn json_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers
+}
+
+/// A header value we made (ASCII by construction).
+fn header_value(text: &str) -> Result<HeaderValue> {
+    HeaderValue::from_str(text)
+        .map_err(|e| Error::new(ErrorKind::Invalid, format!("header {text:?}: {e}")))
+}
+
+/// A whole answer body, at most `limit` bytes (else an error saying
+/// `too_large`).
+async fn read_all(
+    mut body: Incoming,
+    limit: usize,
+    too_large: &str,
+    what: &str,
+    url: &str,
+) -> Result<Vec<u8>> {
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| transport(what, url, &e))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        if all.len() + chunk.len() > limit {
+            return Err(Error::new(ErrorKind::Io, too_large));
+        }
+        all.extend_from_slice(&chunk);
+    }
+    Ok(all)
 }
 
 /// Run an idempotent request up to [`ATTEMPTS`] times while it fails with
@@ -534,20 +618,21 @@ impl Backend for ImageioBackend {
         let body = serde_json::to_vec(&Patch::Flush)
             .map_err(|e| Error::new(ErrorKind::Invalid, format!("PATCH body: {e}")))?;
         let ctx = self.http.ctx();
+        let what = "PATCH flush";
         self.http
             .pool
-            .flush_dirty(|client| {
+            .flush_dirty(|mut conn| {
                 let url = self.http.url.clone();
                 let body = body.clone();
                 async move {
-                    let resp = client
-                        .patch(&url)
-                        .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .map_err(|e| transport("PATCH flush", &e))?;
-                    check(resp, "PATCH flush", &ctx).await.map(|_| ())
+                    let result = timed(what, &url, async {
+                        let resp = conn
+                            .send(what, Method::PATCH, &url, json_headers(), Parts::from(body))
+                            .await?;
+                        check(resp, what, &ctx).await.map(|_| ())
+                    })
+                    .await;
+                    (conn, result)
                 }
             })
             .await

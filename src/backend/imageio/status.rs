@@ -2,6 +2,9 @@
 //! `backend::Error`s.
 
 use crate::backend::{Error, ErrorKind, Result};
+use http_body_util::BodyExt;
+use hyper::Response;
+use hyper::body::Incoming;
 
 /// Longest error body kept for the message.
 const MAX_ERROR_BODY: usize = 4096;
@@ -19,15 +22,15 @@ pub struct ErrorContext {
 /// # Errors
 /// The status is not 2xx.
 pub async fn check(
-    resp: reqwest::Response,
+    resp: Response<Incoming>,
     what: &str,
     ctx: &ErrorContext,
-) -> Result<reqwest::Response> {
+) -> Result<Response<Incoming>> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
     }
-    let body = read_error_body(resp).await;
+    let body = read_error_body(resp.into_body()).await;
     Err(from_status(what, status.as_u16(), body.trim(), ctx))
 }
 
@@ -89,28 +92,30 @@ pub fn redact_ids(text: &str) -> String {
     out
 }
 
-async fn read_error_body(mut resp: reqwest::Response) -> String {
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = MAX_ERROR_BODY.saturating_sub(body.len());
-        body.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
-        if body.len() >= MAX_ERROR_BODY {
+async fn read_error_body(mut body: Incoming) -> String {
+    let mut text = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        let room = MAX_ERROR_BODY.saturating_sub(text.len());
+        text.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+        if text.len() >= MAX_ERROR_BODY {
             break;
         }
     }
-    String::from_utf8_lossy(&body).into_owned()
+    String::from_utf8_lossy(&text).into_owned()
 }
 
-/// A transport failure (connect, reset, timeout, body cut short).
-pub fn transport(what: &str, err: &reqwest::Error) -> Error {
-    let mut msg = format!("{what}: {}", crate::telemetry::error_chain(err));
-    if let Some(url) = err.url() {
-        // The URL holds the ticket, a bearer secret.
-        msg = msg.replace(
-            url.as_str(),
-            &crate::telemetry::redact_ticket_url(url.as_str()),
-        );
-    }
+/// A transport failure (connect, TLS, reset, timeout, body cut short) of a
+/// request to `url`, which is named with its ticket cut short (a bearer
+/// secret).
+pub fn transport(what: &str, url: &str, err: &dyn std::error::Error) -> Error {
+    let msg = format!(
+        "{what}: {}: {}",
+        crate::telemetry::redact_ticket_url(url),
+        crate::telemetry::error_chain(err)
+    );
     Error::new(ErrorKind::Io, msg).with_source(Transport)
 }
 
@@ -138,24 +143,31 @@ mod tests {
 
     #[tokio::test]
     async fn transport_errors_do_not_quote_the_ticket() {
+        use crate::backend::imageio::body::Parts;
+        use crate::backend::imageio::pool::{Connection, Target};
         // Nothing listens on a port we bound and dropped.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
         let url = format!("http://127.0.0.1:{port}/images/0123456789abcdef0123/extents");
-        let client =
-            crate::backend::imageio::build_client(&Default::default(), None).expect("a client");
-        let err = client
-            .get(&url)
-            .send()
+        let target = Target::new(&url, &Default::default(), None).expect("a target");
+        let mut conn = Connection::new(target);
+        let e = conn
+            .send(
+                "GET extents",
+                hyper::Method::GET,
+                &url,
+                hyper::HeaderMap::new(),
+                Parts::empty(),
+            )
             .await
             .expect_err("nothing listens there");
-        let e = transport("GET extents", &err);
         let text = e.to_string();
         assert!(is_transport(&e));
         assert!(!text.contains("0123456789abcdef0123"), "{text}");
         assert!(text.contains("/images/01234567…/extents"), "{text}");
+        assert!(text.contains("Connection refused"), "{text}");
     }
 
     #[test]
