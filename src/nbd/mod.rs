@@ -37,8 +37,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tracing::Instrument;
 
-/// Read buffer of a connection.
-const READ_BUFFER: usize = 256 * 1024;
+/// Read buffer of a connection: request headers are read through it, many
+/// at a time; write payloads go around it (see `transmission::read_payload`),
+/// so it is small: whatever of a payload a header read pulls in is copied
+/// once more.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// A request the server answered, as an [`Observer`] sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

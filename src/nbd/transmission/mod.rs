@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::Instrument;
 
@@ -93,7 +93,7 @@ impl std::fmt::Debug for Watch {
 /// The client broke the protocol (bad magic, oversized payload) or the
 /// socket failed mid-request.
 pub async fn run<R, W, B>(
-    mut reader: R,
+    mut reader: BufReader<R>,
     writer: W,
     negotiated: Negotiated<B>,
     config: TransmissionConfig,
@@ -268,12 +268,28 @@ where
     result
 }
 
+/// Read a write's payload. What the read buffer already holds is copied
+/// out; the rest goes straight from the socket into the payload, not
+/// through the read buffer (a payload as large as the buffer would
+/// otherwise be copied twice: that was 16% of the bridge's CPU on nbdcopy's
+/// 256 KiB writes).
 async fn read_payload<R: AsyncRead + Unpin>(
-    reader: &mut R,
+    reader: &mut BufReader<R>,
     len: usize,
 ) -> Result<Bytes, ProtocolError> {
     let mut buf = PoolBuf::new(len);
-    reader.read_exact(buf.as_mut_slice()).await?;
+    let dst = buf.as_mut_slice();
+    let buffered = reader.buffer();
+    let n = buffered.len().min(dst.len());
+    if let (Some(to), Some(from)) = (dst.get_mut(..n), buffered.get(..n)) {
+        to.copy_from_slice(from);
+    }
+    std::pin::Pin::new(&mut *reader).consume(n);
+    if let Some(rest) = dst.get_mut(n..) {
+        if !rest.is_empty() {
+            reader.get_mut().read_exact(rest).await?;
+        }
+    }
     Ok(buf.freeze())
 }
 
@@ -347,4 +363,41 @@ async fn write_queue<W: AsyncWrite + Unpin>(
         }
     }
     writer.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Payloads read around the read buffer keep the stream's order, for
+    /// every buffer size, payload size and amount already buffered.
+    #[tokio::test]
+    async fn payloads_bypass_the_read_buffer_in_order() {
+        let stream: Vec<u8> = (0..600u32).map(|i| (i * 7 % 251) as u8).collect();
+        for capacity in [1, 3, 16, 64, 1024] {
+            for head in [0, 1, 5, 20] {
+                for len in [0, 1, 7, 64, 200] {
+                    let mut r = BufReader::with_capacity(capacity, &stream[..]);
+                    let mut h = vec![0u8; head];
+                    r.read_exact(&mut h).await.unwrap();
+                    let payload = read_payload(&mut r, len).await.unwrap();
+                    assert_eq!(
+                        &payload[..],
+                        &stream[head..head + len],
+                        "{capacity} {head} {len}"
+                    );
+                    let mut next = [0u8; 5];
+                    r.read_exact(&mut next).await.unwrap();
+                    assert_eq!(next, stream[head + len..head + len + 5]);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_payload_is_an_error() {
+        let stream = [1u8, 2, 3];
+        let mut r = BufReader::with_capacity(2, &stream[..]);
+        assert!(read_payload(&mut r, 4).await.is_err());
+    }
 }
