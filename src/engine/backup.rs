@@ -31,15 +31,21 @@ use tracing::Instrument;
 /// `POST /vms/ID/backups`: validate, store (locking the disks), start the
 /// driver. The new backup is `initializing`.
 ///
+/// Holds the VM's lock from the checks until the backup is stored with its
+/// disks locked, so the checkpoint it starts from cannot be removed
+/// meanwhile (see [`remove_checkpoint`]).
+///
 /// # Errors
 /// 404 unknown VM; 400 a disk that is not the VM's, an unknown (or
-/// removed) `from_checkpoint_id`, a bad id; 409 a backup of the VM is
-/// running or a disk is locked.
-pub fn add(state: &Arc<State>, vm_id: &str, req: BackupIn) -> Result<Backup> {
+/// removed) `from_checkpoint_id` or one whose bitmap is missing or
+/// inconsistent on a disk, a bad id; 409 a backup of the VM is running or
+/// a disk is locked.
+pub async fn add(state: &Arc<State>, vm_id: &str, req: BackupIn) -> Result<Backup> {
     let vm = state
         .db
         .vm(vm_id)?
         .ok_or_else(|| Error::NotFound(format!("Entity not found: {vm_id}")))?;
+    let _vm_lock = state.lock_vm(&vm.id).await;
     let attached = state.db.vm_disks(&vm.id)?;
     let wanted: Vec<String> = match &req.disks {
         Some(list) if !list.disk.is_empty() => {
@@ -72,13 +78,13 @@ pub fn add(state: &Arc<State>, vm_id: &str, req: BackupIn) -> Result<Backup> {
         None | Some("") => None,
         Some(c) => {
             let found = state.db.checkpoint(c)?.filter(|cp| cp.vm_id == vm.id);
-            if found.is_none() {
+            let Some(cp) = found else {
                 return Err(Error::BadRequest(format!(
                     "Cannot backup VM. Checkpoint {c} does not exist (it was never created \
                      or was removed); start a full backup without from_checkpoint_id."
                 )));
-            }
-            Some(c.to_string())
+            };
+            Some(cp)
         }
     };
     let id = match req.id.as_deref() {
@@ -101,7 +107,7 @@ pub fn add(state: &Arc<State>, vm_id: &str, req: BackupIn) -> Result<Backup> {
         id,
         vm_id: vm.id.clone(),
         phase: BackupPhase::Initializing,
-        from_checkpoint_id: from,
+        from_checkpoint_id: from.as_ref().map(|cp| cp.id.clone()),
         to_checkpoint_id: incremental.then(new_id),
         description: req.description.unwrap_or_default(),
         disks: wanted,
@@ -114,11 +120,65 @@ pub fn add(state: &Arc<State>, vm_id: &str, req: BackupIn) -> Result<Backup> {
             "The backup description is longer than 4096 characters".into(),
         ));
     }
+    if let Some(cp) = &from {
+        let disks: Vec<&Disk> = attached
+            .iter()
+            .filter(|d| backup.disks.contains(&d.id))
+            .collect();
+        check_bitmaps(state, cp, &disks).await?;
+    }
     state.db.insert_backup_locking_disks(&backup)?;
     tracing::info!(backup = %backup.id, vm = %vm.id, from = ?backup.from_checkpoint_id,
         to = ?backup.to_checkpoint_id, "backup added");
     spawn_driver(state.clone(), backup.id.clone());
     Ok(backup)
+}
+
+/// Refuse an incremental backup from checkpoint `cp` when a disk that it
+/// would back up incrementally has lost the checkpoint's bitmap, or has it
+/// flagged `in-use` (the image was not closed cleanly, e.g. a qemu-nbd was
+/// killed, so the bitmap may miss changes). A locked disk is skipped: the
+/// backup is refused for it anyway (409), and a writable qemu-nbd serving
+/// it flags its bitmaps in-use while it runs.
+async fn check_bitmaps(state: &State, cp: &Checkpoint, disks: &[&Disk]) -> Result<()> {
+    let todo: Vec<(String, std::path::PathBuf)> = disks
+        .iter()
+        .filter(|d| d.status != DiskStatus::Locked && has_bitmap(cp, d))
+        .map(|d| (d.id.clone(), state.images.path(&d.id)))
+        .collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let name = cp.id.clone();
+    let states = tokio::task::spawn_blocking(move || {
+        todo.into_iter()
+            .map(|(id, path)| qemu::bitmap_state(&path, &name).map(|s| (id, s)))
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| Error::io("check bitmaps", std::io::Error::other(e.to_string())))??;
+    let bad = states.into_iter().find_map(|(disk, s)| match s {
+        qemu::BitmapState::Usable => None,
+        qemu::BitmapState::Missing => Some((disk, "missing")),
+        qemu::BitmapState::InUse => Some((disk, "inconsistent (the disk was not closed cleanly)")),
+    });
+    if let Some((disk, what)) = bad {
+        return Err(Error::BadRequest(format!(
+            "Cannot backup VM. Checkpoint {} cannot be used for disk {disk}: its bitmap is \
+             {what}; start a full backup without from_checkpoint_id.",
+            cp.id
+        )));
+    }
+    Ok(())
+}
+
+/// Whether checkpoint `cp` has a bitmap on `disk` that an incremental
+/// backup uses: the disk is a QCOW2 one enabled for incremental backup and
+/// was in the checkpoint.
+fn has_bitmap(cp: &Checkpoint, disk: &Disk) -> bool {
+    disk.backup == DiskBackup::Incremental
+        && disk.format == Format::Cow
+        && cp.disks.contains(&disk.id)
 }
 
 /// A UUID in canonical form, or a 400 naming the field.
@@ -152,11 +212,11 @@ pub fn disk_mode(state: &State, backup: &Backup, disk: &Disk) -> Result<DiskBack
     if disk.backup != DiskBackup::Incremental || disk.format != Format::Cow {
         return Ok(DiskBackupMode::Full);
     }
-    let has_bitmap = state
+    let incremental = state
         .db
         .checkpoint(from)?
-        .is_some_and(|c| c.disks.contains(&disk.id));
-    Ok(if has_bitmap {
+        .is_some_and(|c| has_bitmap(&c, disk));
+    Ok(if incremental {
         DiskBackupMode::Incremental
     } else {
         DiskBackupMode::Full
@@ -204,9 +264,14 @@ pub fn finalize(state: &Arc<State>, vm_id: &str, id: &str) -> Result<()> {
 /// `DELETE /vms/ID/checkpoints/ID`: remove the VM's oldest (root)
 /// checkpoint and its bitmaps, as oVirt allows only that one.
 ///
+/// Holds the VM's lock from the checks until the bitmaps and the row are
+/// gone, so no backup starts from the checkpoint meanwhile (see [`add`]).
+///
 /// # Errors
-/// 404 unknown; 400 not the root; 409 a backup of the VM is running.
+/// 404 unknown; 400 not the root; 409 a backup of the VM is running, or a
+/// disk of the VM (or of the checkpoint) is locked.
 pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Result<()> {
+    let _vm_lock = state.lock_vm(vm_id).await;
     let all = state.db.checkpoints(vm_id)?;
     let Some(pos) = all.iter().position(|c| c.id == id) else {
         return Err(Error::NotFound(format!("Entity not found: {id}")));
@@ -229,8 +294,19 @@ pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Res
         )));
     }
     let cp = all[0].clone();
-    let mut paths = Vec::new();
+    let mut ids: Vec<String> = state
+        .db
+        .vm_disks(vm_id)?
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
     for d in &cp.disks {
+        if !ids.contains(d) {
+            ids.push(d.clone());
+        }
+    }
+    let mut paths = Vec::new();
+    for d in &ids {
         match state.db.disk(d)? {
             None => {}
             Some(disk) if disk.status == DiskStatus::Locked => {
@@ -238,7 +314,8 @@ pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Res
                     "Cannot remove checkpoint {id}: disk {d} is locked. Please try again in a few minutes."
                 )));
             }
-            Some(_) => paths.push(state.images.path(d)),
+            Some(_) if cp.disks.contains(d) => paths.push(state.images.path(d)),
+            Some(_) => {}
         }
     }
     let name = cp.id.clone();

@@ -123,6 +123,24 @@ const MIGRATIONS: &[&str] = &[
     ",
 ];
 
+/// Refuse a database written by a newer nbdbridge: its `user_version` is
+/// past the last of [`MIGRATIONS`], so its schema has changes this code
+/// does not know (and would silently misread or damage). Checked before
+/// anything is written to it.
+fn check_schema_version(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(Error::Config(format!(
+            "the database {} has schema version {version}, but this nbdbridge knows \
+             versions up to {known} only: this nbdbridge is older than the one that last \
+             wrote the data dir; run that newer nbdbridge (the database was not changed)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Bring the schema to the last version (see [`MIGRATIONS`]).
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -325,6 +343,7 @@ impl Db {
             super::private::narrow_file(Path::new(&name))?;
         }
         let mut conn = Connection::open(path)?;
+        check_schema_version(&conn, path)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&mut conn)?;
@@ -656,6 +675,37 @@ mod tests {
         db.insert_disk(&disk(&new_id())).unwrap();
         assert_eq!(mode(""), 0o600);
         assert_eq!(mode("-wal"), 0o600);
+    }
+
+    #[test]
+    fn a_database_of_a_newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.db");
+        let known = MIGRATIONS.len() as i64;
+        {
+            let db = Db::open(&path).unwrap();
+            db.insert_disk(&disk("d1")).unwrap();
+        }
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version = {}", known + 1))
+                .unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        match Db::open(&path) {
+            Err(Error::Config(m)) => {
+                assert!(m.contains(&format!("schema version {}", known + 1)), "{m}");
+                assert!(m.contains(&format!("up to {known}")), "{m}");
+                assert!(m.contains("older than the one that last wrote"), "{m}");
+            }
+            other => panic!("expected a Config error, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, known + 1);
     }
 
     #[test]

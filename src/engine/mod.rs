@@ -214,6 +214,9 @@ pub(crate) struct State {
     password: String,
     base: String,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per VM: held by a backup's start and a checkpoint's removal, so
+    /// neither runs between the other's checks and its changes.
+    vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutdown: Shutdown,
 }
 
@@ -241,6 +244,17 @@ impl State {
     fn unregister_waker(&self, id: &str) {
         let mut map = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(id);
+    }
+
+    /// Take VM `vm_id`'s lock (see `vm_locks`), waiting for it.
+    async fn lock_vm(&self, vm_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(vm_id.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        };
+        lock.lock_owned().await
     }
 
     /// Make transfer `id`'s driver look at it now.
@@ -385,6 +399,7 @@ impl Engine {
             password,
             base: "/ovirt-engine/api".to_string(),
             wakers: Mutex::new(HashMap::new()),
+            vm_locks: Mutex::new(HashMap::new()),
             shutdown,
         });
         for t in state.db.transfers()? {
@@ -946,7 +961,9 @@ mod tests {
         };
         state.db.insert_vm(&vm).unwrap();
         state.db.attach_disk(&vm.id, &disk.id).unwrap();
-        let b = backup::add(&state, &vm.id, xml::BackupIn::default()).unwrap();
+        let b = backup::add(&state, &vm.id, xml::BackupIn::default())
+            .await
+            .unwrap();
         // A raw disk takes no part in incremental backups: no checkpoint.
         assert_eq!(b.to_checkpoint_id, None);
         assert_eq!(b.disks, std::slice::from_ref(&disk.id));
@@ -956,7 +973,7 @@ mod tests {
         wait_for("ready", || phase() == model::BackupPhase::Ready).await;
         // One backup of a VM at a time.
         assert!(matches!(
-            backup::add(&state, &vm.id, xml::BackupIn::default()),
+            backup::add(&state, &vm.id, xml::BackupIn::default()).await,
             Err(Error::Conflict(_))
         ));
         backup::finalize(&state, &vm.id, &b.id).unwrap();
@@ -965,6 +982,179 @@ mod tests {
         // Finalizing again changes nothing.
         backup::finalize(&state, &vm.id, &b.id).unwrap();
         assert!(state.db.checkpoints(&vm.id).unwrap().is_empty());
+        state.shutdown.trigger();
+    }
+
+    /// A VM with one 1 MiB QCOW2 disk enabled for incremental backup.
+    fn vm_with_incremental_disk(state: &Arc<State>) -> (model::Vm, model::Disk) {
+        let disk = model::Disk {
+            id: model::new_id(),
+            name: "inc".into(),
+            description: String::new(),
+            format: model::Format::Cow,
+            provisioned_size: 1 << 20,
+            status: model::DiskStatus::Ok,
+            backup: model::DiskBackup::Incremental,
+        };
+        state.images.create(&disk).unwrap();
+        state.db.insert_disk(&disk).unwrap();
+        let vm = model::Vm {
+            id: model::new_id(),
+            name: "vm".into(),
+            description: String::new(),
+        };
+        state.db.insert_vm(&vm).unwrap();
+        state.db.attach_disk(&vm.id, &disk.id).unwrap();
+        (vm, disk)
+    }
+
+    fn from_checkpoint(id: &str) -> xml::BackupIn {
+        xml::BackupIn {
+            from_checkpoint_id: Some(id.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// Wait until backup `id` is ready.
+    async fn ready(state: &Arc<State>, id: &str) {
+        wait_for("ready", || {
+            state.db.backup(id).unwrap().unwrap().phase == model::BackupPhase::Ready
+        })
+        .await;
+    }
+
+    /// Finalize the ready backup `id` and wait until it succeeded.
+    async fn finish(state: &Arc<State>, vm_id: &str, id: &str) {
+        backup::finalize(state, vm_id, id).unwrap();
+        wait_for("succeeded", || {
+            state.db.backup(id).unwrap().unwrap().phase == model::BackupPhase::Succeeded
+        })
+        .await;
+    }
+
+    /// Run a backup of `vm` (from checkpoint `from`, if any) to its end;
+    /// its new checkpoint.
+    async fn run_backup(state: &Arc<State>, vm: &model::Vm, from: Option<&str>) -> String {
+        let req = from.map(from_checkpoint).unwrap_or_default();
+        let b = backup::add(state, &vm.id, req).await.unwrap();
+        ready(state, &b.id).await;
+        finish(state, &vm.id, &b.id).await;
+        b.to_checkpoint_id.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_removal_and_a_backup_from_it_exclude_each_other() {
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
+        let (vm, disk) = vm_with_incremental_disk(&state);
+        let image = state.images.path(&disk.id);
+        let has = |cp: &str| qemu::bitmaps(&image).unwrap().iter().any(|b| b == cp);
+        let cp1 = run_backup(&state, &vm, None).await;
+        assert!(has(&cp1));
+
+        // A backup from cp1 runs: cp1 cannot be removed.
+        let b = backup::add(&state, &vm.id, from_checkpoint(&cp1))
+            .await
+            .unwrap();
+        ready(&state, &b.id).await;
+        assert!(matches!(
+            backup::remove_checkpoint(&state, &vm.id, &cp1).await,
+            Err(Error::Conflict(_))
+        ));
+        assert!(state.db.checkpoint(&cp1).unwrap().is_some());
+        assert!(has(&cp1));
+        finish(&state, &vm.id, &b.id).await;
+        let cp2 = b.to_checkpoint_id.clone().unwrap();
+
+        // cp1 removed: a backup from it is refused.
+        backup::remove_checkpoint(&state, &vm.id, &cp1)
+            .await
+            .unwrap();
+        assert!(!has(&cp1));
+        assert!(matches!(
+            backup::add(&state, &vm.id, from_checkpoint(&cp1)).await,
+            Err(Error::BadRequest(_))
+        ));
+        assert_eq!(
+            state.db.disk(&disk.id).unwrap().unwrap().status,
+            model::DiskStatus::Ok
+        );
+
+        // Both at once: one wins, and the other sees what it did.
+        let (added, removed) = tokio::join!(
+            backup::add(&state, &vm.id, from_checkpoint(&cp2)),
+            backup::remove_checkpoint(&state, &vm.id, &cp2),
+        );
+        match (added, removed) {
+            (Ok(b), Err(Error::Conflict(_))) => {
+                assert!(state.db.checkpoint(&cp2).unwrap().is_some());
+                assert!(has(&cp2));
+                ready(&state, &b.id).await;
+                finish(&state, &vm.id, &b.id).await;
+            }
+            (Err(Error::BadRequest(_)), Ok(())) => {
+                assert!(state.db.checkpoint(&cp2).unwrap().is_none());
+                assert!(!has(&cp2));
+            }
+            other => panic!("inconsistent outcome: {other:?}"),
+        }
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_is_not_removed_while_a_disk_of_the_vm_is_locked() {
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
+        let (vm, _disk) = vm_with_incremental_disk(&state);
+        let cp = run_backup(&state, &vm, None).await;
+        // A raw disk attached after the checkpoint, locked by an upload.
+        let (raw, _t) = disk_and_transfer(&state, Some("0"));
+        state.db.attach_disk(&vm.id, &raw.id).unwrap();
+        match backup::remove_checkpoint(&state, &vm.id, &cp).await {
+            Err(Error::Conflict(m)) => assert!(m.contains(&raw.id), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert!(state.db.checkpoint(&cp).unwrap().is_some());
+        state.shutdown.trigger();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_incremental_backup_whose_bitmap_is_gone_is_refused() {
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
+        let (vm, disk) = vm_with_incremental_disk(&state);
+        let cp = run_backup(&state, &vm, None).await;
+        // Behind the engine's back.
+        qemu::remove_bitmap(&state.images.path(&disk.id), &cp).unwrap();
+        match backup::add(&state, &vm.id, from_checkpoint(&cp)).await {
+            Err(Error::BadRequest(m)) => {
+                assert_eq!(
+                    m,
+                    format!(
+                        "Cannot backup VM. Checkpoint {cp} cannot be used for disk {}: its \
+                         bitmap is missing; start a full backup without from_checkpoint_id.",
+                        disk.id
+                    )
+                );
+            }
+            other => panic!("expected a 400, got {other:?}"),
+        }
+        // Nothing was stored or locked; a full backup still works.
+        assert_eq!(state.db.backups(Some(&vm.id)).unwrap().len(), 1);
+        assert_eq!(
+            state.db.disk(&disk.id).unwrap().unwrap().status,
+            model::DiskStatus::Ok
+        );
+        run_backup(&state, &vm, None).await;
         state.shutdown.trigger();
     }
 

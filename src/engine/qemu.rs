@@ -230,31 +230,76 @@ fn qemu_img(what: &str, args: &[&OsStr]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The names of the persistent dirty bitmaps of a QCOW2 image.
-pub fn bitmaps(path: &Path) -> Result<Vec<String>> {
+/// `qemu-img info --output=json --force-share` of an image (readable
+/// while a qemu-nbd has it open).
+fn info(path: &Path) -> Result<serde_json::Value> {
     let text = qemu_img(
         "qemu-img info",
         &[
             OsStr::new("info"),
-            OsStr::new("-U"),
+            OsStr::new("--force-share"),
             OsStr::new("--output=json"),
             path.as_os_str(),
         ],
     )?;
-    let info: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         Error::io(
             "qemu-img info",
             std::io::Error::other(format!("bad JSON: {e}")),
         )
-    })?;
-    Ok(info["format-specific"]["data"]["bitmaps"]
+    })
+}
+
+/// The persistent dirty bitmaps in `qemu-img info` JSON
+/// (`format-specific.data.bitmaps`, absent when there are none).
+fn bitmap_list(info: &serde_json::Value) -> &[serde_json::Value] {
+    info["format-specific"]["data"]["bitmaps"]
         .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|b| b["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default())
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The names of the persistent dirty bitmaps of a QCOW2 image.
+pub fn bitmaps(path: &Path) -> Result<Vec<String>> {
+    Ok(bitmap_list(&info(path)?)
+        .iter()
+        .filter_map(|b| b["name"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Whether a bitmap can serve an incremental backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapState {
+    /// Present and consistent.
+    Usable,
+    /// The image has no bitmap of that name.
+    Missing,
+    /// Flagged `in-use`: the image was not closed cleanly (qemu-nbd
+    /// killed) while the bitmap was enabled, so it may miss changes.
+    InUse,
+}
+
+/// The state of bitmap `name` in `qemu-img info` JSON.
+fn bitmap_state_in(info: &serde_json::Value, name: &str) -> BitmapState {
+    let Some(b) = bitmap_list(info)
+        .iter()
+        .find(|b| b["name"].as_str() == Some(name))
+    else {
+        return BitmapState::Missing;
+    };
+    let in_use = b["flags"]
+        .as_array()
+        .is_some_and(|flags| flags.iter().any(|f| f.as_str() == Some("in-use")));
+    if in_use {
+        BitmapState::InUse
+    } else {
+        BitmapState::Usable
+    }
+}
+
+/// The state of the bitmap `name` of a QCOW2 image.
+pub fn bitmap_state(path: &Path, name: &str) -> Result<BitmapState> {
+    Ok(bitmap_state_in(&info(path)?, name))
 }
 
 /// Add the persistent, enabled bitmap `name` to a QCOW2 image (replacing
@@ -293,4 +338,121 @@ pub fn remove_bitmap(path: &Path, name: &str) -> Result<()> {
         ],
     )
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `qemu-img info --output=json` (qemu 8) of a 1 MiB QCOW2 image after
+    /// `qemu-img bitmap --add IMG b1`, with `FLAGS` for the bitmap's flags.
+    const INFO: &str = r#"{
+    "children": [
+        {
+            "name": "file",
+            "info": {
+                "children": [
+                ],
+                "virtual-size": 328192,
+                "filename": "/tmp/x.qcow2",
+                "format": "file",
+                "actual-size": 208896,
+                "format-specific": {
+                    "type": "file",
+                    "data": {
+                    }
+                },
+                "dirty-flag": false
+            }
+        }
+    ],
+    "virtual-size": 1048576,
+    "filename": "/tmp/x.qcow2",
+    "cluster-size": 65536,
+    "format": "qcow2",
+    "actual-size": 208896,
+    "format-specific": {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": false,
+            "bitmaps": [
+                {
+                    "flags": [
+                        FLAGS
+                    ],
+                    "name": "b1",
+                    "granularity": 65536
+                }
+            ],
+            "refcount-bits": 16,
+            "corrupt": false,
+            "extended-l2": false
+        }
+    },
+    "dirty-flag": false
+}"#;
+
+    /// The same image after `qemu-img bitmap --remove IMG b1`: no
+    /// `bitmaps` key at all.
+    const INFO_NO_BITMAPS: &str = r#"{
+    "virtual-size": 1048576,
+    "filename": "/tmp/x.qcow2",
+    "cluster-size": 65536,
+    "format": "qcow2",
+    "actual-size": 208896,
+    "format-specific": {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": false,
+            "refcount-bits": 16,
+            "corrupt": false,
+            "extended-l2": false
+        }
+    },
+    "dirty-flag": false
+}"#;
+
+    fn parse(flags: &str) -> serde_json::Value {
+        serde_json::from_str(&INFO.replace("FLAGS", flags)).unwrap()
+    }
+
+    #[test]
+    fn bitmap_states_from_qemu_img_info() {
+        // A clean enabled bitmap.
+        let clean = parse(r#""auto""#);
+        assert_eq!(bitmap_state_in(&clean, "b1"), BitmapState::Usable);
+        assert_eq!(bitmap_state_in(&clean, "b2"), BitmapState::Missing);
+        // As qemu-img shows it after the qemu-nbd that had the image open
+        // was killed (SIGKILL).
+        let killed = parse(
+            r#""in-use",
+                        "auto""#,
+        );
+        assert_eq!(bitmap_state_in(&killed, "b1"), BitmapState::InUse);
+        let none: serde_json::Value = serde_json::from_str(INFO_NO_BITMAPS).unwrap();
+        assert_eq!(bitmap_state_in(&none, "b1"), BitmapState::Missing);
+        assert!(bitmap_list(&none).is_empty());
+        let names: Vec<&str> = bitmap_list(&killed)
+            .iter()
+            .filter_map(|b| b["name"].as_str())
+            .collect();
+        assert_eq!(names, ["b1"]);
+    }
+
+    #[test]
+    fn bitmap_state_of_a_real_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.qcow2");
+        create_qcow2(&path, 1 << 20).unwrap();
+        assert_eq!(bitmap_state(&path, "b1").unwrap(), BitmapState::Missing);
+        add_bitmap(&path, "b1").unwrap();
+        assert_eq!(bitmap_state(&path, "b1").unwrap(), BitmapState::Usable);
+        assert_eq!(bitmaps(&path).unwrap(), ["b1"]);
+        remove_bitmap(&path, "b1").unwrap();
+        assert_eq!(bitmap_state(&path, "b1").unwrap(), BitmapState::Missing);
+    }
 }

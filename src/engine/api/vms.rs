@@ -103,7 +103,7 @@ pub async fn route(
         }
         (&Method::POST, [id, "backups"]) => {
             let body = read_body(req).await?;
-            let b = backup::add(state, id, xml::parse::<BackupIn>(&body, "backup")?)?;
+            let b = backup::add(state, id, xml::parse::<BackupIn>(&body, "backup")?).await?;
             let mut w = Writer::new();
             backup_xml(&mut w, state, &b);
             Ok(created(
