@@ -138,6 +138,10 @@ impl<B: Backend> Backend for GatedBackend<B> {
         self.pass().await?.read(offset, len).await
     }
 
+    async fn read_parts(&self, offset: u64, len: usize) -> Result<Vec<Bytes>> {
+        self.pass().await?.read_parts(offset, len).await
+    }
+
     async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
         self.pass().await?.read_sparse(offset, len).await
     }

@@ -99,8 +99,9 @@ pub enum ReadChunk {
     Data {
         /// Image offset of the first byte.
         offset: u64,
-        /// The bytes.
-        data: Bytes,
+        /// The bytes, in pieces that follow each other (see
+        /// [`Backend::read_parts`]).
+        data: Vec<Bytes>,
     },
     /// `len` bytes at `offset` that read as zeroes.
     Zero {
@@ -135,6 +136,18 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Read `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Read `len` bytes at `offset` as pieces that follow each other: a
+    /// backend that receives the data in pieces (HTTP body chunks) hands
+    /// them over without joining them, and the NBD reply writes them as
+    /// they are. The default reads one piece with [`Backend::read`].
+    fn read_parts(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<Bytes>>> + Send {
+        async move { Ok(vec![self.read(offset, len).await?]) }
+    }
 
     /// Read `len` bytes at `offset` as data and zero runs, in order,
     /// covering the range exactly. Zero runs are not read at all.
@@ -214,7 +227,7 @@ pub async fn read_planned<B: Backend + ?Sized>(
         } else {
             ReadChunk::Data {
                 offset: start,
-                data: backend.read(start, run as usize).await?,
+                data: backend.read_parts(start, run as usize).await?,
             }
         });
     }

@@ -61,6 +61,88 @@ pub const MAX_BATCH: usize = 8 * 1024 * 1024;
 const DIRECT_WRITE: usize = MAX_BATCH / 2;
 /// Bytes of writes held waiting for a PUT slot at most.
 const MAX_HELD: usize = 64 * 1024 * 1024;
+/// Body chunks one GET keeps apart at most; past that the body is copied
+/// together (a data server sending tiny chunks costs a copy, never a long
+/// list of small buffers).
+const MAX_PARTS: usize = 256;
+
+/// The body of a GET of `len` bytes as it arrives: its chunks kept as they
+/// are (no copy) up to `max_parts` of them, then copied together.
+struct BodyParts {
+    len: usize,
+    max_parts: usize,
+    parts: Vec<Bytes>,
+    joined: Option<PoolBuf>,
+    filled: usize,
+}
+
+impl BodyParts {
+    fn new(len: usize, max_parts: usize) -> Self {
+        BodyParts {
+            len,
+            max_parts,
+            parts: Vec::new(),
+            joined: None,
+            filled: 0,
+        }
+    }
+
+    /// Take the next chunk.
+    ///
+    /// # Errors
+    /// The body runs past `len`.
+    fn push(&mut self, chunk: Bytes) -> Result<()> {
+        let end = self
+            .filled
+            .checked_add(chunk.len())
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "GET sent more than the range"))?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if self.joined.is_none() && self.parts.len() >= self.max_parts {
+            let mut buf = PoolBuf::new(self.len);
+            copy_into(buf.as_mut_slice(), 0, &self.parts);
+            self.parts.clear();
+            self.joined = Some(buf);
+        }
+        match &mut self.joined {
+            Some(buf) => copy_into(buf.as_mut_slice(), self.filled, &[chunk]),
+            None => self.parts.push(chunk),
+        }
+        self.filled = end;
+        Ok(())
+    }
+
+    /// The body, in order.
+    ///
+    /// # Errors
+    /// It was shorter than `len`.
+    fn finish(self) -> Result<Vec<Bytes>> {
+        if self.filled != self.len {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("GET sent {} of {} bytes", self.filled, self.len),
+            ));
+        }
+        Ok(match self.joined {
+            Some(buf) => vec![buf.freeze()],
+            None => self.parts,
+        })
+    }
+}
+
+/// Copy `parts`, one after the other, into `dst` from `at`; what would not
+/// fit is left out (callers checked the lengths).
+fn copy_into(dst: &mut [u8], mut at: usize, parts: &[Bytes]) {
+    for p in parts {
+        let end = at.saturating_add(p.len());
+        if let Some(to) = dst.get_mut(at..end) {
+            to.copy_from_slice(p);
+        }
+        at = end;
+    }
+}
 
 /// How to reach the data server.
 #[derive(Debug, Clone, Default)]
@@ -355,7 +437,10 @@ impl Http {
             .collect())
     }
 
-    async fn read_once(&self, offset: u64, len: usize) -> Result<Bytes> {
+    /// One GET of `len` bytes at `offset`: the body's chunks as they came
+    /// (no copy), or copied together once there are more than
+    /// [`MAX_PARTS`] of them.
+    async fn read_once(&self, offset: u64, len: usize) -> Result<Vec<Bytes>> {
         let what = "GET";
         let url = &self.url;
         let mut conn = self.pool.get().await?;
@@ -376,27 +461,14 @@ impl Http {
                 ));
             }
             let mut body = resp.into_body();
-            let mut buf = PoolBuf::new(len);
-            let dst = buf.as_mut_slice();
-            let mut filled = 0usize;
+            let mut parts = BodyParts::new(len, MAX_PARTS);
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| transport(what, url, &e))?;
-                let Ok(chunk) = frame.into_data() else {
-                    continue;
-                };
-                let Some(slot) = dst.get_mut(filled..filled + chunk.len()) else {
-                    return Err(Error::new(ErrorKind::Io, "GET sent more than the range"));
-                };
-                slot.copy_from_slice(&chunk);
-                filled += chunk.len();
+                if let Ok(chunk) = frame.into_data() {
+                    parts.push(chunk)?;
+                }
             }
-            if filled != len {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    format!("GET sent {filled} of {len} bytes"),
-                ));
-            }
-            Ok(buf.freeze())
+            parts.finish()
         })
         .await
     }
@@ -524,8 +596,18 @@ impl Backend for ImageioBackend {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let mut parts = self.read_parts(offset, len).await?;
+        if parts.len() == 1 {
+            return Ok(parts.pop().unwrap_or_default());
+        }
+        let mut buf = PoolBuf::new(len);
+        copy_into(buf.as_mut_slice(), 0, &parts);
+        Ok(buf.freeze())
+    }
+
+    async fn read_parts(&self, offset: u64, len: usize) -> Result<Vec<Bytes>> {
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(Vec::new());
         }
         let plan = match &self.caches.readahead {
             Some(ra) => ra.plan(offset, len),
@@ -740,5 +822,49 @@ mod tests {
             local_socket("http://127.0.0.1:1/images/x", Some("\0/org/ovirt/imageio")).is_none()
         );
         assert!(local_socket("http://127.0.0.1:1/images/x", None).is_none());
+    }
+
+    /// A GET body in any chunking, with few or many chunks (past
+    /// `max_parts` it is copied together), gives back exactly its bytes;
+    /// too much or too little is an error.
+    #[test]
+    fn body_parts_keep_the_bytes_in_any_chunking() {
+        let body: Vec<u8> = (0..300u32).map(|i| (i * 13 % 251) as u8).collect();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..2000 {
+            let len = next(body.len() + 1);
+            let max_parts = 1 + next(8);
+            let mut parts = BodyParts::new(len, max_parts);
+            let mut at = 0;
+            while at < len {
+                let n = if round % 3 == 0 {
+                    1
+                } else {
+                    next(len - at + 1)
+                };
+                parts
+                    .push(Bytes::copy_from_slice(&body[at..at + n]))
+                    .unwrap();
+                at += n;
+            }
+            let got: Vec<u8> = parts
+                .finish()
+                .unwrap()
+                .iter()
+                .flat_map(|b| b.to_vec())
+                .collect();
+            assert_eq!(got, body[..len], "round {round}");
+        }
+        let mut over = BodyParts::new(2, 4);
+        assert!(over.push(Bytes::from_static(b"abc")).is_err());
+        let mut short = BodyParts::new(3, 4);
+        short.push(Bytes::from_static(b"ab")).unwrap();
+        assert!(short.finish().is_err());
     }
 }

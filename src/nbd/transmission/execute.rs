@@ -140,11 +140,14 @@ async fn read<B: Backend>(
     let backend = export.backend();
     let mut head = BytesMut::with_capacity(64);
     if mode == ReplyMode::Simple {
-        return match backend.read(offset, len as usize).await {
+        return match backend.read_parts(offset, len as usize).await {
             Ok(data) => {
                 export.stats().read_done(u64::from(len));
                 encode_simple(&mut head, cookie, 0);
-                (vec![head.freeze(), data], true)
+                let mut parts = Vec::with_capacity(1 + data.len());
+                parts.push(head.freeze());
+                parts.extend(data);
+                (parts, true)
             }
             Err(e) => {
                 encode_simple(
@@ -162,7 +165,7 @@ async fn read<B: Backend>(
     }
     let chunks = if df || !export.caps().extents {
         backend
-            .read(offset, len as usize)
+            .read_parts(offset, len as usize)
             .await
             .map(|data| vec![ReadChunk::Data { offset, data }])
     } else {
@@ -188,9 +191,10 @@ async fn read<B: Backend>(
         let done = i == last;
         match chunk {
             ReadChunk::Data { offset: at, data } => {
-                encode_data_header(&mut head, mode, done, cookie, offset, at, data.len());
+                let n = data.iter().map(Bytes::len).sum();
+                encode_data_header(&mut head, mode, done, cookie, offset, at, n);
                 parts.push(head.split().freeze());
-                parts.push(data);
+                parts.extend(data);
             }
             ReadChunk::Zero { offset: at, len: n } => {
                 // A read is at most 32 MiB, so a hole always fits a u32.
