@@ -141,7 +141,12 @@ record() { # key t0 t1 pid ticks0 daemon-ticks0
     el=$(echo "$t1 - $t0" | bc)
     MB[$key]+=" $(mbps "$t0" "$t1")"
     if [ "$pid" != - ]; then
-        CPU[$key]+=" $(echo "scale=2; ($(ticks "$pid") - $k0) / $HZ / ($BYTES / 1073741824)" | bc)"
+        # A server that exits at the end of its transfer (serve --disk) has
+        # no ticks left to read: no figure rather than a wrong one.
+        local k1; k1=$(ticks "$pid")
+        if [ "$k1" -gt 0 ]; then
+            CPU[$key]+=" $(echo "scale=2; ($k1 - $k0) / $HZ / ($BYTES / 1073741824)" | bc)"
+        fi
         local r; r=$(peak_rss "$pid"); RSS[$key]=$(( r > ${RSS[$key]:-0} ? r : ${RSS[$key]:-0} ))
     fi
     DCPU[$key]+=" $(echo "scale=0; 100 * ($(ticks "$DPID") - $d0) / $HZ / $el" | bc)"
@@ -154,6 +159,7 @@ timed_nbdcopy() { # key pid from to nbdcopy-flags...
     k0=$(ticks "$pid"); d0=$(ticks "$DPID")
     t0=$(now); nbdcopy "$@" "$from" "$to"; t1=$(now)
     record "$key" "$t0" "$t1" "$pid" "$k0" "$d0"
+    echo "  $key: $(mbps "$t0" "$t1") MB/s" >&2
 }
 
 V2V_FLAGS=(--request-size=4194304 --requests=16 --flush)
@@ -171,6 +177,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
             rm -f "$DST"; truncate -s "$BYTES" "$DST"
             serve_image "$DST" "w$rep$flags$who"
             rm -f "$WORK/w.sock"
+            # Start from a clean page cache: a run without --flush leaves a
+            # GiB of dirty pages that whoever comes next would pay for.
+            sync
             if [ $who = bridge ]; then
                 start "$BIN" serve --imageio-url "$URL" --socket "$WORK/w.sock"
                 timed_nbdcopy "write-$flags/$who" "$PID" "$SRC" "$LINE" "${extra[@]}"
@@ -188,6 +197,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
         # into the same qemu-nbd on a fresh file, no HTTP.
         rm -f "$DST"; truncate -s "$BYTES" "$DST"
         serve_image "$DST" "c$rep$flags"
+        sync
         d0=$(ticks "$DPID"); t0=$(now)
         nbdcopy "${extra[@]}" "$SRC" "nbd+unix:///?socket=$WORK/q.sock"
         t1=$(now); record "write-$flags/ceiling" "$t0" "$t1" - 0 "$d0"
