@@ -17,7 +17,6 @@
 //! backup makes the system moves; all state is in the database, so an
 //! engine restarted mid-backup picks it up where it was.
 
-use super::State;
 use super::error::{Error, Result};
 use super::model::{
     Backup, BackupPhase, Checkpoint, Disk, DiskBackup, DiskBackupMode, DiskStatus, Format, new_id,
@@ -25,8 +24,8 @@ use super::model::{
 };
 use super::qemu;
 use super::xml::BackupIn;
+use super::{State, Turn, spawn_driver_loop};
 use std::sync::Arc;
-use tracing::Instrument;
 
 /// `POST /vms/ID/backups`: validate, store (locking the disks), start the
 /// driver. The new backup is `initializing`.
@@ -335,34 +334,23 @@ pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Res
 /// Start the driver of backup `id` (at add, and at engine start for every
 /// backup that has not ended).
 pub fn spawn_driver(state: Arc<State>, id: String) {
-    let notify = state.register_waker(&id);
     let span = tracing::info_span!(parent: None, "backup", backup = %id);
-    tokio::spawn(
-        async move {
-            loop {
-                if state.shutdown.is_triggered() {
-                    break;
+    spawn_driver_loop(state, id, span, |state, id| async move {
+        match state.db.backup(&id) {
+            Ok(Some(b)) if b.phase.is_finished() => Turn::Ended,
+            Ok(Some(b)) => {
+                if let Err(e) = step(&state, b).await {
+                    tracing::warn!(error = %e, "backup step failed; retrying");
                 }
-                match state.db.backup(&id) {
-                    Ok(Some(b)) if b.phase.is_finished() => break,
-                    Ok(Some(b)) => {
-                        if let Err(e) = step(&state, b).await {
-                            tracing::warn!(error = %e, "backup step failed; retrying");
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => tracing::error!(error = %e, "cannot read backup"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(state.config.tick) => {}
-                    _ = notify.notified() => {}
-                    _ = state.shutdown.wait() => break,
-                }
+                Turn::Again
             }
-            state.unregister_waker(&id);
+            Ok(None) => Turn::Ended,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read backup");
+                Turn::Again
+            }
         }
-        .instrument(span),
-    );
+    });
 }
 
 /// Move backup `b` on if its phase is still `seen`.

@@ -233,6 +233,44 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// What one turn of a driver found (see [`spawn_driver_loop`]).
+enum Turn {
+    /// Turn again at the next tick or wake-up.
+    Again,
+    /// The object ended (or is gone): the driver stops.
+    Ended,
+}
+
+/// Run the driver task of the transfer or backup `id`: `turn` once per
+/// tick, or sooner when the object's waker is notified, until it says the
+/// object ended or the engine stops.
+fn spawn_driver_loop<F, Fut>(state: Arc<State>, id: String, span: tracing::Span, turn: F)
+where
+    F: Fn(Arc<State>, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Turn> + Send + 'static,
+{
+    let notify = state.register_waker(&id);
+    tokio::spawn(
+        async move {
+            loop {
+                if state.shutdown.is_triggered() {
+                    break;
+                }
+                if let Turn::Ended = turn(state.clone(), id.clone()).await {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(state.config.tick) => {}
+                    _ = notify.notified() => {}
+                    _ = state.shutdown.wait() => break,
+                }
+            }
+            state.unregister_waker(&id);
+        }
+        .instrument(span),
+    );
+}
+
 impl State {
     fn register_waker(&self, id: &str) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());

@@ -307,18 +307,7 @@ pub fn bitmap_state(path: &Path, name: &str) -> Result<BitmapState> {
 /// qemu (qemu-nbd) marks it.
 pub fn add_bitmap(path: &Path, name: &str) -> Result<()> {
     remove_bitmap(path, name)?;
-    qemu_img(
-        "qemu-img bitmap --add",
-        &[
-            OsStr::new("bitmap"),
-            OsStr::new("--add"),
-            OsStr::new("-f"),
-            OsStr::new("qcow2"),
-            path.as_os_str(),
-            OsStr::new(name),
-        ],
-    )
-    .map(|_| ())
+    bitmap_op(path, "--add", name)
 }
 
 /// Remove the bitmap `name` from a QCOW2 image, if it has it.
@@ -326,11 +315,16 @@ pub fn remove_bitmap(path: &Path, name: &str) -> Result<()> {
     if !bitmaps(path)?.iter().any(|b| b == name) {
         return Ok(());
     }
+    bitmap_op(path, "--remove", name)
+}
+
+/// `qemu-img bitmap OP -f qcow2 PATH NAME`.
+fn bitmap_op(path: &Path, op: &str, name: &str) -> Result<()> {
     qemu_img(
-        "qemu-img bitmap --remove",
+        &format!("qemu-img bitmap {op}"),
         &[
             OsStr::new("bitmap"),
-            OsStr::new("--remove"),
+            OsStr::new(op),
             OsStr::new("-f"),
             OsStr::new("qcow2"),
             path.as_os_str(),

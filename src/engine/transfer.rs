@@ -8,7 +8,6 @@
 //! without any lock, then writes its move only if the phase is still the
 //! one it saw, so a client action that came in between wins.
 
-use super::State;
 use super::error::{Error, Result};
 use super::host::HostStatus;
 use super::host::{Control, TicketSpec};
@@ -17,9 +16,9 @@ use super::model::{
     Transfer, new_id, now, parse_field,
 };
 use super::xml::{IdRef, ImageTransferIn};
+use super::{State, Turn, spawn_driver_loop};
 use crate::telemetry::redact;
 use std::sync::Arc;
-use tracing::Instrument;
 
 pub use crate::ovirt::Action;
 
@@ -421,34 +420,23 @@ fn stopped_by_system(t: &Transfer) -> Phase {
 /// Start the driver task of transfer `id` (at add, and at engine start for
 /// every transfer not finished).
 pub fn spawn_driver(state: Arc<State>, id: String) {
-    let notify = state.register_waker(&id);
     let span = tracing::info_span!(parent: None, "transfer", transfer = %id);
-    tokio::spawn(
-        async move {
-            loop {
-                if state.shutdown.is_triggered() {
-                    break;
+    spawn_driver_loop(state, id, span, |state, id| async move {
+        match state.db.transfer(&id) {
+            Ok(Some(t)) if t.phase.is_finished() => Turn::Ended,
+            Ok(Some(t)) => {
+                if let Err(e) = step(&state, t).await {
+                    tracing::warn!(error = %e, "transfer step failed; retrying");
                 }
-                match state.db.transfer(&id) {
-                    Ok(Some(t)) if t.phase.is_finished() => break,
-                    Ok(Some(t)) => {
-                        if let Err(e) = step(&state, t).await {
-                            tracing::warn!(error = %e, "transfer step failed; retrying");
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => tracing::error!(error = %e, "cannot read transfer"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(state.config.tick) => {}
-                    _ = notify.notified() => {}
-                    _ = state.shutdown.wait() => break,
-                }
+                Turn::Again
             }
-            state.unregister_waker(&id);
+            Ok(None) => Turn::Ended,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read transfer");
+                Turn::Again
+            }
         }
-        .instrument(span),
-    );
+    });
 }
 
 /// One system move from the current phase, if any is due.

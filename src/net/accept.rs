@@ -68,13 +68,25 @@ impl Acceptor for UnixListener {
 /// Turn on TCP keepalive and `TCP_NODELAY` on an accepted socket. A
 /// failure is logged and otherwise ignored: the connection still works.
 pub fn prepare_tcp(stream: &TcpStream) {
+    tune_tcp(
+        stream,
+        KEEPALIVE_TIME,
+        KEEPALIVE_INTERVAL,
+        KEEPALIVE_RETRIES,
+    );
+}
+
+/// Turn on `TCP_NODELAY` and TCP keepalive (first probe after `time` idle,
+/// then every `interval`, dropped after `retries` unanswered) on a
+/// connected socket. A failure is logged and otherwise ignored.
+pub fn tune_tcp(stream: &TcpStream, time: Duration, interval: Duration, retries: u32) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_TIME)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
+        .with_time(time)
+        .with_interval(interval)
+        .with_retries(retries);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }

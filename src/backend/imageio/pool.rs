@@ -185,18 +185,15 @@ fn context(what: &str, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// TCP_NODELAY and keepalive; a failure is logged and otherwise ignored.
+/// TCP_NODELAY and our client keepalive; a failure is logged and
+/// otherwise ignored.
 fn prepare_tcp(stream: &tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_TIME)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-        tracing::debug!(error = %e, "cannot set TCP keepalive");
-    }
+    crate::net::accept::tune_tcp(
+        stream,
+        KEEPALIVE_TIME,
+        KEEPALIVE_INTERVAL,
+        KEEPALIVE_RETRIES,
+    );
 }
 
 /// HTTP/1.1 over `io`; the connection runs in a task of its own.
