@@ -17,7 +17,12 @@
 #                   HEAD, which nbdkit-curl needs for the size
 #   embedded-write  `serve --disk` (NBD -> HTTP -> our data server -> file)
 #   embedded-read   vs qemu-nbd on a plain file (page cache warm)
-# Per row: MB/s of both, the ratio and the target, the CPU seconds per GiB
+#   curl            curl's own figure through the same daemon's unix socket,
+#                   4 requests at once of a quarter each: PUTs then a PATCH
+#                   flush (write-v2v), GETs into the file and into /dev/null
+#                   (download). A target above it is stopped by the daemon.
+# Per row: MB/s of both, the ratio and the target, the verdict (met;
+# ceiling = the target lies above curl's own figure; MISSED), the CPU seconds per GiB
 # and peak RSS (VmHWM) of the bridge process and of the peer's process, and
 # the daemon's CPU% (near 100% = the Python daemon is the ceiling). Then the
 # machine's limits measured in the same run: TCP loopback, page cache read,
@@ -164,6 +169,44 @@ timed_nbdcopy() { # key pid from to nbdcopy-flags...
     echo "  $key: $(mbps "$t0" "$t1") MB/s" >&2
 }
 
+# curl's own figure through the daemon's unix socket (the path the bridge
+# and the plugin take), 4 requests at once, each a quarter of the image:
+# PUTs fed by dd, then one PATCH flush (as virt-v2v's flags end); GETs each
+# written by dd into its quarter of the file, or dropped.
+QUARTER=$((BYTES / 4))
+curl_put4() { # ticket-id
+    local k pids=()
+    for k in 0 1 2 3; do
+        dd if="$SRC" bs=1M skip=$((k * QUARTER >> 20)) count=$((QUARTER >> 20)) status=none |
+            curl -sf --unix-socket "$WORK/daemon/local.sock" -T - -H "Transfer-Encoding:" -H "Expect:" \
+                -H "Content-Length: $QUARTER" -H "Content-Range: bytes $((k * QUARTER))-$(((k + 1) * QUARTER - 1))/*" \
+                -o /dev/null "http://localhost/images/$1?flush=n" & pids+=($!)
+    done
+    wait "${pids[@]}" || die "curl PUT into ticket $1 failed"
+    curl -sf --unix-socket "$WORK/daemon/local.sock" -X PATCH -H 'Content-Type: application/json' \
+        -d '{"op":"flush"}' -o /dev/null "http://localhost/images/$1" || die "curl flush of ticket $1 failed"
+}
+curl_get4() { # ticket-id file-or-null
+    local k pids=() range
+    for k in 0 1 2 3; do
+        range=$((k * QUARTER))-$(((k + 1) * QUARTER - 1))
+        if [ "$2" = null ]; then
+            curl -sf --unix-socket "$WORK/daemon/local.sock" -r "$range" -o /dev/null "http://localhost/images/$1" &
+        else
+            curl -sf --unix-socket "$WORK/daemon/local.sock" -r "$range" "http://localhost/images/$1" |
+                dd of="$2" bs=1M seek=$((k * QUARTER >> 20)) conv=notrunc status=none &
+        fi
+        pids+=($!)
+    done
+    wait "${pids[@]}" || die "curl GET of ticket $1 failed"
+}
+timed_curl() { # key fn args...
+    local key=$1 d0 t0 t1; shift
+    d0=$(ticks "$DPID"); t0=$(now); "$@"; t1=$(now)
+    record "$key" "$t0" "$t1" - 0 "$d0"
+    echo "  $key: $(mbps "$t0" "$t1") MB/s" >&2
+}
+
 V2V_FLAGS=(--request-size=4194304 --requests=16 --flush)
 DST=$WORK/dst.raw
 check_dst() { cmp -s "$SRC" "$DST" || die "$1: the image differs from the source"; }
@@ -202,6 +245,14 @@ for ((rep = 1; rep <= REPS; rep++)); do
             stop "$QPID"; QPID=
             check_dst "write-$flags/$who"
         done
+        if [ $flags = v2v ]; then
+            rm -f "$DST"; truncate -s "$BYTES" "$DST"
+            serve_image "$DST" "k$rep$flags"
+            sync
+            timed_curl "write-$flags/curl" curl_put4 "k$rep$flags"
+            stop "$QPID"; QPID=
+            check_dst "write-$flags/curl"
+        fi
         # The ceiling of any writer through the daemon: nbdcopy straight
         # into the same qemu-nbd on a fresh file, no HTTP.
         rm -f "$DST"; truncate -s "$BYTES" "$DST"
@@ -232,6 +283,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
             check_dst "download/$who"
         fi
     done
+    rm -f "$DST"; truncate -s "$BYTES" "$DST"
+    timed_curl download/curl curl_get4 "r$rep" "$DST"
+    check_dst download/curl
+    timed_curl download/curl-null curl_get4 "r$rep" null
     stop "$QPID"; QPID=
     fi
 
@@ -312,14 +367,23 @@ med() { [ -n "${1:-}" ] && median $1 || echo "-"; }
 ratio() { [ "$1" = - ] || [ "$2" = - ] && echo "-" || echo "scale=2; $1 / $2" | bc; }
 echo
 echo "${SIZE_MIB} MiB random data, median of $REPS alternating rounds, $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-15s %9s %9s %6s %7s | %8s %8s %7s %7s | %6s %6s\n' \
-    row "bridge" "peer" ratio target "CPU s/G" "peer s/G" "RSS MiB" "peerRSS" "dmn%" "peer%"
-printf '%-15s %9s %9s %6s %7s | %8s %8s %7s %7s | %6s %6s\n' \
-    "" "MB/s" "MB/s" "" "" "bridge" "" "bridge" "MiB" "bridge" "dmn%"
+# verdict: met; "ceiling" when the target lies above curl's own figure
+# through the same daemon (measured above, same rounds); else missed.
+verdict() { # ratio target peer curl
+    [ "$1" = - ] && { echo -; return; }
+    if [ "$(echo "$1 >= $2" | bc)" = 1 ]; then echo met
+    elif [ "$4" != - ] && [ "$(echo "$2 * $3 > $4" | bc)" = 1 ]; then echo ceiling
+    else echo MISSED; fi
+}
+printf '%-15s %9s %9s %6s %7s %8s | %8s %8s %7s %7s | %6s %6s\n' \
+    row "bridge" "peer" ratio target verdict "CPU s/G" "peer s/G" "RSS MiB" "peerRSS" "dmn%" "peer%"
+printf '%-15s %9s %9s %6s %7s %8s | %8s %8s %7s %7s | %6s %6s\n' \
+    "" "MB/s" "MB/s" "" "" "" "bridge" "" "bridge" "MiB" "bridge" "dmn%"
 for row in write-defaults:2 write-v2v:1.2 download:1.5 url-read:2 embedded-read:0.9 embedded-write:1; do
     key=${row%%:*}; target=${row##*:}
-    b=$(med "${MB[$key/bridge]:-}"); p=$(med "${MB[$key/peer]:-}")
-    printf '%-15s %9s %9s %6s %6sx | %8s %8s %7s %7s | %6s %6s\n' "$key" "$b" "$p" "$(ratio "$b" "$p")" "$target" \
+    b=$(med "${MB[$key/bridge]:-}"); p=$(med "${MB[$key/peer]:-}"); r=$(ratio "$b" "$p")
+    printf '%-15s %9s %9s %6s %6sx %8s | %8s %8s %7s %7s | %6s %6s\n' "$key" "$b" "$p" "$r" "$target" \
+        "$(verdict "$r" "$target" "$p" "$(med "${MB[$key/curl]:-}")")" \
         "$(med "${CPU[$key/bridge]:-}")" "$(med "${CPU[$key/peer]:-}")" \
         "$(( ${RSS[$key/bridge]:-0} / 1024 ))" "$(( ${RSS[$key/peer]:-0} / 1024 ))" \
         "$(med "${DCPU[$key/bridge]:-}")" "$(med "${DCPU[$key/peer]:-}")"
@@ -332,5 +396,14 @@ for flags in defaults v2v; do
     c=$(med "${MB[write-$flags/ceiling]:-}")
     [ "$c" = - ] || echo "ceiling: write-$flags straight into qemu-nbd (no daemon, no HTTP): $c MB/s;" \
         "bridge at $(ratio "$(med "${MB[write-$flags/bridge]:-}")" "$c") of it, peer at $(ratio "$(med "${MB[write-$flags/peer]:-}")" "$c")"
+done
+for row in write-v2v:1.2 download:1.5; do
+    key=${row%%:*}; target=${row##*:}
+    c=$(med "${MB[$key/curl]:-}"); p=$(med "${MB[$key/peer]:-}")
+    [ "$c" = - ] && continue
+    extra=
+    [ $key = download ] && extra=", into /dev/null $(med "${MB[download/curl-null]:-}") MB/s"
+    echo "curl's own figure: $key by curl through the daemon's unix socket (4 requests of a quarter each): $c MB/s$extra;" \
+        "the target ${target}x the peer is $( [ "$p" = - ] && echo - || echo "scale=1; $target * $p / 1" | bc) MB/s, curl at $(ratio "$c" "$p")x the peer"
 done
 echo "limits: TCP loopback ${LOOP} MB/s, page cache read ${CACHE} MB/s, disk O_DIRECT read ${DREAD} MB/s, write ${DWRITE} MB/s"

@@ -1,6 +1,7 @@
 //! `--run CMD`, nbdkit's captive mode: once the server accepts clients,
 //! run CMD through `sh -c` with the server's address in its environment
-//! (`uri`, `exportname`, `port`, `unixsocket`, `tls`, as nbdkit sets them),
+//! (`uri`, `exportname`, `port`, `unixsocket`, `tls`, as nbdkit sets them;
+//! `serve --backup` adds `backup`, `disks` and `uris`),
 //! so `--run 'qemu-img convert -n src.qcow2 "$uri"'` works as it does with
 //! nbdkit; the server ends when CMD exits.
 
@@ -26,6 +27,8 @@ pub struct RunEnv {
     pub unixsocket: Option<String>,
     /// `$tls`: 0 off, 1 offered, 2 required (nbdkit's values).
     pub tls: u8,
+    /// More variables for this kind of server (a backup's `$disks`).
+    pub extra: Vec<(String, String)>,
 }
 
 impl RunEnv {
@@ -46,6 +49,7 @@ impl RunEnv {
                 TlsMode::On => 1,
                 TlsMode::Require => 2,
             },
+            extra: Vec::new(),
         }
     }
 }
@@ -72,6 +76,7 @@ impl Captive {
             .env("port", env.port.map(|p| p.to_string()).unwrap_or_default())
             .env("unixsocket", env.unixsocket.as_deref().unwrap_or(""))
             .env("tls", env.tls.to_string())
+            .envs(env.extra.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .spawn()?;
         tracing::info!(pid = child.id(), command = cmd, "--run command started");
@@ -163,9 +168,10 @@ mod tests {
             port: None,
             unixsocket: Some("/tmp/s".into()),
             tls: 0,
+            extra: vec![("disks".into(), "a b".into())],
         };
         let mut c = Captive::spawn(
-            r#"test "$uri" = 'nbd+unix:///x?socket=/tmp/s' && test "$exportname" = x && test -z "$port" && test "$unixsocket" = /tmp/s && test "$tls" = 0 && exit 7"#,
+            r#"test "$uri" = 'nbd+unix:///x?socket=/tmp/s' && test "$exportname" = x && test -z "$port" && test "$unixsocket" = /tmp/s && test "$tls" = 0 && test "$disks" = 'a b' && exit 7"#,
             &env,
         )
         .unwrap();

@@ -61,7 +61,22 @@ impl Acceptor for UnixListener {
 
     async fn accept(&self) -> io::Result<(UnixStream, String)> {
         let (stream, _) = UnixListener::accept(self).await?;
+        prepare_unix(&stream);
         Ok((stream, "unix".to_string()))
+    }
+}
+
+/// Send buffer asked for on unix stream sockets that carry data.
+pub const UNIX_SEND_BUFFER: usize = 1 << 20;
+
+/// A larger send buffer on a unix stream socket: the default (about
+/// 208 KiB) is smaller than one 256 KiB NBD reply or a PUT's body piece,
+/// so every such write would stop half-way and wait for the peer. The
+/// kernel caps the size at `net.core.wmem_max`; a failure is logged and
+/// otherwise ignored.
+pub fn prepare_unix(stream: &UnixStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_send_buffer_size(UNIX_SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot set SO_SNDBUF");
     }
 }
 
@@ -219,6 +234,32 @@ mod tests {
         assert_eq!(*pauses.last().unwrap(), BACKOFF_MAX);
         b.reset();
         assert_eq!(b.next_pause(), BACKOFF_MIN);
+    }
+
+    /// An accepted unix socket sends with a buffer larger than the
+    /// default, so a 256 KiB reply needs no wait half-way (where the
+    /// kernel allows more than the default at all).
+    #[tokio::test]
+    async fn accepted_unix_sockets_get_a_larger_send_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).await.unwrap();
+        let (accepted, peer) = Acceptor::accept(&listener).await.unwrap();
+        assert_eq!(peer, "unix");
+        let default = socket2::SockRef::from(&client).send_buffer_size().unwrap();
+        let ours = socket2::SockRef::from(&accepted)
+            .send_buffer_size()
+            .unwrap();
+        let max = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if max > default / 2 {
+            assert!(ours > default, "SO_SNDBUF {ours}, default {default}");
+        }
+        // The kernel doubles what it grants and grants at most wmem_max.
+        assert!(ours <= 2 * UNIX_SEND_BUFFER.max(default), "{ours}");
     }
 
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

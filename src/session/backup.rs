@@ -568,14 +568,19 @@ where
         let tls = self.handshake.tls_mode();
         let mut exports = Vec::new();
         let mut judges = Vec::new();
-        let env = RunEnv::of(&listener, "", tls);
+        let mut env = RunEnv::of(&listener, "", tls);
         let mut lines = vec![env.uri.clone()];
-        if let Some(id) = self.backup_id() {
+        let backup = self.backup_id();
+        if let Some(id) = &backup {
             lines.push(format!("backup={id}"));
         }
+        let (mut disks, mut uris) = (Vec::new(), Vec::new());
         for s in self.served.iter().flatten() {
             let name = s.disk.disk.id.clone();
-            lines.push(format!("disk={name} uri={}", listener.uri(&name, tls)));
+            let uri = listener.uri(&name, tls);
+            lines.push(format!("disk={name} uri={uri}"));
+            disks.push(name.clone());
+            uris.push(uri);
             exports.push(Arc::new(Export::new(
                 name.clone(),
                 Some(s.description()),
@@ -601,6 +606,13 @@ where
         }
         tracing::info!(uri = %env.uri, disks = lines.len().saturating_sub(2), "serving the backup's disks");
         if let Some(cmd) = &self.run {
+            // For `--run`: the disks' ids and URIs, in the same order,
+            // space-separated (ids are UUIDs, URIs are percent-encoded).
+            env.extra = vec![
+                ("backup".into(), backup.unwrap_or_default()),
+                ("disks".into(), disks.join(" ")),
+                ("uris".into(), uris.join(" ")),
+            ];
             self.child = Captive::start(cmd, &env);
         }
         self.next_tick = tokio::time::Instant::now() + self.tick;

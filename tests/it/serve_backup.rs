@@ -777,8 +777,9 @@ fn a_backup_from_a_removed_checkpoint_is_refused_and_leaves_none_running() {
     assert!(!third.is_empty() && third != second);
 }
 
-/// `serve --backup VM --run CMD`: a CMD that copies every disk ends the
-/// backup with exit 0 and the checkpoint line; a CMD that exits 0 having
+/// `serve --backup VM --run CMD`: a CMD that copies every disk (found by
+/// `$disks` and `$uris`, or by hand) ends the backup with exit 0 and the
+/// checkpoint line; a CMD that exits 0 having
 /// read only one disk makes the backup incomplete (exit 1, no checkpoint).
 #[test]
 fn run_copies_every_disk_or_the_backup_is_incomplete() {
@@ -806,10 +807,11 @@ fn run_copies_every_disk_or_the_backup_is_incomplete() {
     };
     let (cow_out, raw_out) = (dir.join("cow.out"), dir.join("raw.out"));
 
+    // Every disk by the variables alone: `$disks` and `$uris` pair up.
     let out = run(format!(
-        "{} && {}",
-        copy(&f.cow, &cow_out),
-        copy(&f.raw, &raw_out)
+        "echo \"$backup\" > '{d}/backup.id' && set -- $uris && for disk in $disks; do \
+         nbdcopy \"$1\" \"{d}/$disk.out\" || exit 1; shift; done; test $# = 0",
+        d = dir.display()
     ));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -819,6 +821,28 @@ fn run_copies_every_disk_or_the_backup_is_incomplete() {
         .find_map(|l| l.strip_prefix("checkpoint="))
         .unwrap_or_else(|| panic!("a checkpoint line: {stdout}"));
     assert!(!checkpoint.is_empty(), "{stdout}");
+    let backup = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backup="))
+        .unwrap_or_else(|| panic!("a backup line: {stdout}"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("backup.id"))
+            .unwrap()
+            .trim(),
+        backup
+    );
+    let by_vars = |disk: &str| std::fs::read(dir.join(format!("{disk}.out"))).unwrap();
+    assert_eq!(by_vars(&f.cow), f.cow_bytes);
+    assert_eq!(by_vars(&f.raw), std::fs::read(&f.raw_src).unwrap());
+
+    // The same with the URIs built by hand.
+    let out = run(format!(
+        "{} && {}",
+        copy(&f.cow, &cow_out),
+        copy(&f.raw, &raw_out)
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
     assert_eq!(std::fs::read(&cow_out).unwrap(), f.cow_bytes);
     assert_eq!(
         std::fs::read(&raw_out).unwrap(),

@@ -121,6 +121,7 @@ impl Target {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(|e| context("cannot connect", e))?;
+                crate::net::accept::prepare_unix(&stream);
                 handshake(stream).await?
             }
             (None, tls) => {
