@@ -5,9 +5,8 @@ use super::body::{self, Body};
 use super::error::ApiError;
 use super::handlers::{json_response, not_allowed};
 use super::ticket::{TicketSpec, py_repr};
-use super::{Failure, Shared};
+use super::{Failure, RequestBody, Shared};
 use crate::telemetry::redact;
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
@@ -17,7 +16,7 @@ const MAX_CONTROL_BODY: usize = 64 * 1024;
 /// Serve one control request; `id` is the path after `/tickets/`.
 pub async fn tickets(
     shared: &Shared,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
 ) -> Result<Response<Body>, Failure> {
     let method = req.method().clone();

@@ -67,6 +67,7 @@ mod error;
 pub mod fuzzing;
 mod handlers;
 mod idle;
+pub mod local;
 mod range;
 mod storage;
 mod ticket;
@@ -189,6 +190,15 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// A new connection of `shared`'s server, idle.
+    fn new(shared: &Shared) -> Arc<Conn> {
+        Arc::new(Conn {
+            id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+            tickets: Mutex::new(Vec::new()),
+            activity: Arc::new(idle::Activity::new(IDLE_TIMEOUT, shared.header_timeout)),
+        })
+    }
+
     fn bind(&self, ticket: &Arc<Ticket>) {
         // Like imageio: once a connection uses a ticket, the ticket's
         // inactivity_timeout applies to it.
@@ -251,8 +261,15 @@ impl Query {
     }
 }
 
+/// An error of a request body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request's body: from a socket (hyper's), or handed over in-process
+/// ([`local`]).
+pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
 /// Read a whole small body, refusing more than `limit` bytes.
-pub(crate) async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, Failure> {
+pub(crate) async fn read_body(mut body: RequestBody, limit: usize) -> Result<Bytes, Failure> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -289,21 +306,31 @@ async fn route(
     service: Service,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let req = req.map(|b| b.map_err(BoxError::from).boxed());
+    Ok(answer(&shared, &conn, service, req).await.0)
+}
+
+/// The answer to one request, and whether the connection closes after it.
+async fn answer(
+    shared: &Shared,
+    conn: &Arc<Conn>,
+    service: Service,
+    req: Request<RequestBody>,
+) -> (Response<Body>, bool) {
     let path = req.uri().path().to_string();
     let query = Query::parse(req.uri().query());
     let _busy = conn.activity.busy();
-    let result = dispatch(&shared, &conn, service, req, &path, &query).await;
-    Ok(match result {
-        Ok(resp) => resp,
-        Err(f) => f.err.into_response(f.close),
-    })
+    match dispatch(shared, conn, service, req, &path, &query).await {
+        Ok(resp) => (resp, false),
+        Err(f) => (f.err.into_response(f.close), f.close),
+    }
 }
 
 async fn dispatch(
     shared: &Shared,
     conn: &Conn,
     service: Service,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     path: &str,
     query: &Query,
 ) -> Result<Response<Body>, Failure> {
@@ -354,6 +381,8 @@ pub struct DataServer {
     tickets: Arc<TicketStore>,
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
+    /// Its local socket's in-process stand-in, while it serves.
+    _local: Option<local::Registration>,
 }
 
 impl DataServer {
@@ -421,7 +450,12 @@ impl DataServer {
         };
         let url = format!("http://{host}:{}/images/", addr.port());
         tracing::info!(%url, control = %config.control_socket.display(), "imageio data server listening");
+        let local = config
+            .local_socket
+            .as_ref()
+            .map(|p| local::register(p, shared.clone(), shutdown.clone()));
         Ok(DataServer {
+            _local: local,
             url,
             addr,
             control_socket: config.control_socket,
@@ -523,12 +557,8 @@ async fn serve<S>(stream: S, service: Service, shared: Arc<Shared>, shutdown: Sh
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(idle::Activity::new(IDLE_TIMEOUT, shared.header_timeout));
-    let conn = Arc::new(Conn {
-        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
-        tickets: Mutex::new(Vec::new()),
-        activity: activity.clone(),
-    });
+    let conn = Conn::new(&shared);
+    let activity = conn.activity.clone();
     let conn_id = conn.id;
     let svc = {
         let shared = shared.clone();

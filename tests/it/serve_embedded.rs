@@ -1,5 +1,6 @@
 //! The README's main job: `nbdbridge serve --disk NAME --size SIZE` with
-//! the embedded engine and data server, driven by qemu-img and nbdcopy.
+//! the embedded engine and data server, driven by qemu-img and nbdcopy
+//! (the data server in serve's own process, reached without a socket).
 
 use crate::support;
 
@@ -35,6 +36,12 @@ fn assert_finished(mut serve: Proc, sock: &Path, what: &str) {
         log.lines()
             .any(|l| l.contains("transfer finished_success ")),
         "{what}: the transfer finished_success:\n{log}"
+    );
+    // The data server is in serve's process: no socket between them.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("imageio backend ready") && l.contains("in_process=true")),
+        "{what}: the backend reached the embedded data server in-process:\n{log}"
     );
 }
 

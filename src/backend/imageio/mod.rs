@@ -28,7 +28,7 @@ use self::body::Parts;
 use self::coalesce::Limits;
 use self::extent_map::ExtentMap;
 pub use self::pool::build_client;
-use self::pool::{Connection, Pool, Target, timed};
+use self::pool::{Connection, Pool, RespBody, Target, timed};
 use self::readahead::{Plan, ReadAhead};
 use self::status::{ErrorContext, check, transport};
 use self::wire::{Options, Patch, parse_extents};
@@ -37,7 +37,6 @@ use super::{Backend, Capabilities, Error, ErrorKind, Extent, ExtentContext, Resu
 use crate::bufpool::PoolBuf;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE};
 use hyper::{Method, StatusCode};
 use std::path::PathBuf;
@@ -222,6 +221,12 @@ pub struct ImageioBackend {
 }
 
 impl ImageioBackend {
+    /// Whether requests go to a data server of this process without a
+    /// socket ([`crate::imageio::local`]).
+    pub fn is_in_process(&self) -> bool {
+        self.http.pool.target().is_in_process()
+    }
+
     /// Ask the server what it offers (OPTIONS), learn the size and the
     /// extents, and open the connection pool.
     ///
@@ -284,16 +289,18 @@ impl ImageioBackend {
                 // Closed before any data connection opens: the real daemon
                 // holds an NBD connection for it.
                 probe.close().await;
-                Pool::new(
-                    n,
-                    Target::new(&data_url, &config.tls, Some(path.as_path()))?,
-                    None,
-                )
+                let mut target = Target::new(&data_url, &config.tls, Some(path.as_path()))?;
+                // Our own data server, in this process: no socket at all.
+                if let Some(server) = crate::imageio::local::find(path) {
+                    target = target.in_process(server);
+                }
+                Pool::new(n, target, None)
             }
         };
         tracing::info!(
             connections = n,
             unix_socket = unix.as_ref().map(|p| p.display().to_string()),
+            in_process = pool.target().is_in_process(),
             features = ?options.features,
             "imageio backend ready"
         );
@@ -463,7 +470,7 @@ impl Http {
             let mut body = resp.into_body();
             let mut parts = BodyParts::new(len, MAX_PARTS);
             while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| transport(what, url, &e))?;
+                let frame = frame.map_err(|e| transport(what, url, &*e))?;
                 if let Ok(chunk) = frame.into_data() {
                     parts.push(chunk)?;
                 }
@@ -529,7 +536,7 @@ fn header_value(text: &str) -> Result<HeaderValue> {
 /// A whole answer body, at most `limit` bytes (else an error saying
 /// `too_large`).
 async fn read_all(
-    mut body: Incoming,
+    mut body: RespBody,
     limit: usize,
     too_large: &str,
     what: &str,
@@ -537,7 +544,7 @@ async fn read_all(
 ) -> Result<Vec<u8>> {
     let mut all = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| transport(what, url, &e))?;
+        let frame = frame.map_err(|e| transport(what, url, &*e))?;
         let Ok(chunk) = frame.into_data() else {
             continue;
         };

@@ -13,7 +13,11 @@ use super::TlsOptions;
 use super::body::Parts;
 use super::status::transport;
 use crate::backend::{Error, ErrorKind, Result};
-use hyper::body::Incoming;
+use crate::imageio::local::{LocalConnection, LocalServer, ResponseBody};
+use crate::imageio::{BoxError, RequestBody};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HOST, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, Uri};
@@ -24,8 +28,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::{JoinHandle, JoinSet};
@@ -56,6 +62,9 @@ pub struct Target {
     unix: Option<PathBuf>,
     /// TLS for `https` URLs (never over the unix socket).
     tls: Option<TlsConnector>,
+    /// The data server in this process that stands behind `unix`: requests
+    /// go to it as values ([`crate::imageio::local`]).
+    local: Option<LocalServer>,
 }
 
 impl std::fmt::Debug for Target {
@@ -65,6 +74,7 @@ impl std::fmt::Debug for Target {
             .field("port", &self.port)
             .field("unix", &self.unix)
             .field("tls", &self.tls.is_some())
+            .field("in_process", &self.local.is_some())
             .finish()
     }
 }
@@ -111,7 +121,26 @@ impl Target {
             host_header,
             unix: unix.map(Path::to_path_buf),
             tls,
+            local: None,
         }))
+    }
+
+    /// The same target, reached in-process through `server` (the data
+    /// server of this process whose local socket is `unix`).
+    pub fn in_process(&self, server: LocalServer) -> Arc<Target> {
+        Arc::new(Target {
+            host: self.host.clone(),
+            port: self.port,
+            host_header: self.host_header.clone(),
+            unix: self.unix.clone(),
+            tls: None,
+            local: Some(server),
+        })
+    }
+
+    /// Whether requests go to a data server of this process.
+    pub fn is_in_process(&self) -> bool {
+        self.local.is_some()
     }
 
     /// A new connection, ready for its first request.
@@ -229,18 +258,67 @@ impl Drop for Live {
     }
 }
 
+/// An answer's body: read from the connection, or handed over by the data
+/// server of this process.
+#[derive(Debug)]
+pub enum RespBody {
+    /// From a socket.
+    Remote(Incoming),
+    /// From [`crate::imageio::local`].
+    Local(ResponseBody),
+}
+
+impl hyper::body::Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RespBody::Remote(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            RespBody::Local(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Remote(b) => b.is_end_stream(),
+            RespBody::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Remote(b) => b.size_hint(),
+            RespBody::Local(b) => b.size_hint(),
+        }
+    }
+}
+
 /// One slot's connection: opened on first use, and again whenever the last
 /// one closed, broke, or stayed idle too long. Never more than one at once.
 #[derive(Debug)]
 pub struct Connection {
     target: Arc<Target>,
     live: Option<Live>,
+    /// The in-process connection, when the target is in this process.
+    local: Option<LocalConnection>,
 }
 
 impl Connection {
     /// Not connected yet.
     pub fn new(target: Arc<Target>) -> Self {
-        Connection { target, live: None }
+        Connection {
+            target,
+            live: None,
+            local: None,
+        }
     }
 
     /// Send one request for `url` on this connection (opened first when
@@ -259,8 +337,19 @@ impl Connection {
         url: &str,
         headers: HeaderMap,
         body: Parts,
-    ) -> Result<Response<Incoming>> {
+    ) -> Result<Response<RespBody>> {
         let mut req = self.target.request(method, url, headers, body)?;
+        if let Some(server) = &self.target.local {
+            let conn = self.local.get_or_insert_with(|| server.connect());
+            let req: Request<RequestBody> = req.map(|b| b.map_err(|never| match never {}).boxed());
+            return match conn.send(req).await {
+                Ok(resp) => Ok(resp.map(RespBody::Local)),
+                Err(e) => {
+                    self.local = None;
+                    Err(transport(what, url, &e))
+                }
+            };
+        }
         let mut resent = false;
         loop {
             self.ready(what, url).await?;
@@ -270,7 +359,7 @@ impl Connection {
             match live.sender.try_send_request(req).await {
                 Ok(resp) => {
                     live.last_used = Instant::now();
-                    return Ok(resp);
+                    return Ok(resp.map(RespBody::Remote));
                 }
                 Err(mut e) => {
                     let unsent = e.take_message();
@@ -323,6 +412,7 @@ impl Connection {
     /// Close the connection, if any, and wait until its socket is closed,
     /// so the server never sees it next to its successor.
     pub async fn close(&mut self) {
+        self.local = None;
         if let Some(mut live) = self.live.take() {
             live.task.abort();
             // Cancelled (or already ended): the connection is dropped.
@@ -428,6 +518,11 @@ impl Pool {
             free: Mutex::new((0..n).rev().collect()),
             permits: Semaphore::new(n),
         }
+    }
+
+    /// Where the connections go.
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     /// Wait for a free connection.

@@ -1,10 +1,10 @@
 //! The one place where HTTP answers and transport failures become
 //! `backend::Error`s.
 
+use super::pool::RespBody;
 use crate::backend::{Error, ErrorKind, Result};
 use http_body_util::BodyExt;
 use hyper::Response;
-use hyper::body::Incoming;
 
 /// Longest error body kept for the message.
 const MAX_ERROR_BODY: usize = 4096;
@@ -22,10 +22,10 @@ pub struct ErrorContext {
 /// # Errors
 /// The status is not 2xx.
 pub async fn check(
-    resp: Response<Incoming>,
+    resp: Response<RespBody>,
     what: &str,
     ctx: &ErrorContext,
-) -> Result<Response<Incoming>> {
+) -> Result<Response<RespBody>> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -92,7 +92,7 @@ pub fn redact_ids(text: &str) -> String {
     out
 }
 
-async fn read_error_body(mut body: Incoming) -> String {
+async fn read_error_body(mut body: RespBody) -> String {
     let mut text = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {
         let Ok(chunk) = frame.into_data() else {

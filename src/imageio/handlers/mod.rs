@@ -24,11 +24,10 @@ use super::error::ApiError;
 use super::range::{parse_content_range, parse_range};
 use super::storage::Storage;
 use super::ticket::{Access, Ticket};
-use super::{Conn, Failure, Query, Shared};
+use super::{Conn, Failure, Query, RequestBody, Shared};
 use crate::telemetry::redact;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{
     ACCEPT_RANGES, ALLOW, CONNECTION, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE,
     CONTENT_TYPE, HeaderValue,
@@ -96,7 +95,7 @@ pub fn parse_image_path(rest: &str) -> Option<(&str, Resource)> {
 pub async fn images(
     shared: &Shared,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
     resource: Resource,
     query: &Query,

@@ -5,7 +5,7 @@ use super::*;
 pub(super) async fn patch(
     shared: &Shared,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
 ) -> Result<Response<Body>, Failure> {
     let data = crate::imageio::read_body(req.into_body(), MAX_PATCH_BODY).await?;

@@ -6,7 +6,7 @@ use super::*;
 pub(super) async fn get(
     shared: &Shared,
     conn: &Conn,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     id: &str,
     query: &Query,
     head: bool,

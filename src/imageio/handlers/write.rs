@@ -6,7 +6,7 @@ use super::*;
 pub(super) async fn put(
     shared: &Shared,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
     query: &Query,
 ) -> Result<Response<Body>, Failure> {
