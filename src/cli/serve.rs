@@ -24,6 +24,7 @@ use std::sync::Arc;
 /// Options of `nbdbridge serve`.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").args(["file", "imageio_url", "engine_url"])))]
+#[command(group(clap::ArgGroup::new("new_transfers").args(["disk", "backup"])))]
 pub struct ServeArgs {
     /// Serve this local raw image file.
     #[arg(long)]
@@ -46,8 +47,9 @@ pub struct ServeArgs {
     /// name (or id) of a disk of the embedded engine, created when missing.
     #[arg(long, conflicts_with = "transfer")]
     disk: Option<String>,
-    /// Host id to run the transfer on (default: the engine picks).
-    #[arg(long, requires = "disk")]
+    /// Host id to run the transfer on, or with `--backup` every disk's
+    /// transfer (default: the engine picks a host that is up).
+    #[arg(long, requires = "new_transfers")]
     host: Option<String>,
     /// Transfer direction for `--disk`.
     #[arg(long, value_enum, default_value = "upload")]

@@ -862,3 +862,81 @@ fn run_copies_every_disk_or_the_backup_is_incomplete() {
     let (phase, _, _) = backup_state(&f, &backup);
     assert_eq!(phase, "succeeded", "the engine's backup still ended: {err}");
 }
+
+/// `serve --backup VM --host ID` creates every disk's transfer on that host:
+/// the embedded engine's own host serves the backup; a host the engine
+/// does not know fails it before anything is served (exit 1, a message
+/// naming the host, no checkpoint line) and leaves no backup running.
+#[test]
+fn host_pins_the_backup_transfers() {
+    if !(have_tools() && require("nbdcopy")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let f = fixture(dir, Site::Embedded);
+    let host = f.with_api(|api| {
+        let (status, xml) = api.call("GET", "/hosts", "");
+        assert_eq!(status, 200, "{xml}");
+        first_id(&xml).expect("a host").to_string()
+    });
+    let run = |host: &str| {
+        Command::new(bin())
+            .arg("serve")
+            .args(f.serve_args())
+            .arg("--socket")
+            .arg(dir.join("host.sock"))
+            .args(["--backup", VM, "--host", host, "--run"])
+            .arg(format!(
+                "set -- $uris && for disk in $disks; do \
+                 nbdcopy \"$1\" '{}/'\"$disk.out\" || exit 1; shift; done",
+                dir.display()
+            ))
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&host);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("checkpoint=")),
+        "{stdout}"
+    );
+    let backup = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backup="))
+        .expect("a backup line")
+        .to_string();
+    f.with_api(|api| {
+        let (_, xml) = api.call("GET", "/imagetransfers", "");
+        let of_backup: Vec<&str> = xml
+            .split("<image_transfer ")
+            .filter(|t| t.contains(&format!("<backup id=\"{backup}\"")))
+            .collect();
+        assert_eq!(of_backup.len(), 2, "one transfer per disk: {xml}");
+        for t in of_backup {
+            let on = t.split("<host ").nth(1).and_then(first_id);
+            assert_eq!(on, Some(host.as_str()), "{t}");
+        }
+    });
+    assert_eq!(
+        std::fs::read(dir.join(format!("{}.out", f.cow))).unwrap(),
+        f.cow_bytes
+    );
+
+    let out = run("no-such-host");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no-such-host"), "the host is named: {err}");
+    assert!(!stdout.contains("checkpoint="), "{stdout}");
+    if let Some(id) = stdout.lines().find_map(|l| l.strip_prefix("backup=")) {
+        let (phase, _, _) = backup_state(&f, id);
+        assert!(
+            phase == "succeeded" || phase == "failed",
+            "the backup was ended: {phase}"
+        );
+    }
+}

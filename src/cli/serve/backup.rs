@@ -77,7 +77,7 @@ async fn back_up(
     let options = BackupOptions {
         vm: vm.to_string(),
         from_checkpoint: args.from_checkpoint.clone(),
-        host_id: None,
+        host_id: args.host.clone(),
         listener: listen(args).await?,
         tls,
         run: args.run.clone(),
