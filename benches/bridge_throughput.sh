@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput of the whole bridge (issue 5), measured side by side in one run:
 #   - nbdcopy write and read through the embedded pipeline
-#     (`nbdbridge serve --disk`: NBD -> imageio HTTP -> our data server -> file),
+#     (`nbdbridge serve --disk`: NBD -> the embedded data server, in-process -> file),
 #   - nbdcopy write and read of the same image through qemu-nbd (no HTTP at all),
 #   - nbdcopy read through nbdkit's curl plugin and through
 #     `nbdbridge serve --imageio-url`, both reading the same ticket of one

@@ -15,12 +15,13 @@
 #                   nbdkit-curl + nbdcopy, one file ticket of our data
 #                   server (`nbdbridge imageio`): the real daemon answers no
 #                   HEAD, which nbdkit-curl needs for the size
-#   embedded-write  `serve --disk` (NBD -> HTTP -> our data server -> file)
+#   embedded-write  `serve --disk` (NBD -> the embedded data server's handlers,
+#                   in-process: no socket between -> file)
 #   embedded-read   vs qemu-nbd on a plain file (page cache warm)
 #   curl            curl's own figure through the same daemon's unix socket,
-#                   4 requests at once of a quarter each: PUTs then a PATCH
-#                   flush (write-v2v), GETs into the file and into /dev/null
-#                   (download). A target above it is stopped by the daemon.
+#                   requests at once, each an equal slice: 8 PUTs then a
+#                   PATCH flush (write-v2v), 4 GETs into the file and into
+#                   /dev/null (download). A target above it is stopped by the daemon.
 # Per row: MB/s of both, the ratio and the target, the verdict (met;
 # ceiling = the target lies above curl's own figure; MISSED), the CPU seconds per GiB
 # and peak RSS (VmHWM) of the bridge process and of the peer's process, and
@@ -170,31 +171,33 @@ timed_nbdcopy() { # key pid from to nbdcopy-flags...
 }
 
 # curl's own figure through the daemon's unix socket (the path the bridge
-# and the plugin take), 4 requests at once, each a quarter of the image:
-# PUTs fed by dd, then one PATCH flush (as virt-v2v's flags end); GETs each
-# written by dd into its quarter of the file, or dropped.
-QUARTER=$((BYTES / 4))
-curl_put4() { # ticket-id
-    local k pids=()
-    for k in 0 1 2 3; do
-        dd if="$SRC" bs=1M skip=$((k * QUARTER >> 20)) count=$((QUARTER >> 20)) status=none |
+# and the plugin take), several requests at once, each an equal slice of the
+# image: 8 PUTs (the daemon's max_writers, as many as the bridge opens) fed
+# by dd, then one PATCH flush (as virt-v2v's flags end); 4 GETs (more read
+# no faster here), each written by dd into its slice of the file, or dropped.
+PUT_STREAMS=8
+GET_STREAMS=4
+curl_put() { # ticket-id
+    local k pids=() slice=$((BYTES / PUT_STREAMS))
+    for ((k = 0; k < PUT_STREAMS; k++)); do
+        dd if="$SRC" bs=1M skip=$((k * slice >> 20)) count=$((slice >> 20)) status=none |
             curl -sf --unix-socket "$WORK/daemon/local.sock" -T - -H "Transfer-Encoding:" -H "Expect:" \
-                -H "Content-Length: $QUARTER" -H "Content-Range: bytes $((k * QUARTER))-$(((k + 1) * QUARTER - 1))/*" \
+                -H "Content-Length: $slice" -H "Content-Range: bytes $((k * slice))-$(((k + 1) * slice - 1))/*" \
                 -o /dev/null "http://localhost/images/$1?flush=n" & pids+=($!)
     done
     wait "${pids[@]}" || die "curl PUT into ticket $1 failed"
     curl -sf --unix-socket "$WORK/daemon/local.sock" -X PATCH -H 'Content-Type: application/json' \
         -d '{"op":"flush"}' -o /dev/null "http://localhost/images/$1" || die "curl flush of ticket $1 failed"
 }
-curl_get4() { # ticket-id file-or-null
-    local k pids=() range
-    for k in 0 1 2 3; do
-        range=$((k * QUARTER))-$(((k + 1) * QUARTER - 1))
+curl_get() { # ticket-id file-or-null
+    local k pids=() range slice=$((BYTES / GET_STREAMS))
+    for ((k = 0; k < GET_STREAMS; k++)); do
+        range=$((k * slice))-$(((k + 1) * slice - 1))
         if [ "$2" = null ]; then
             curl -sf --unix-socket "$WORK/daemon/local.sock" -r "$range" -o /dev/null "http://localhost/images/$1" &
         else
             curl -sf --unix-socket "$WORK/daemon/local.sock" -r "$range" "http://localhost/images/$1" |
-                dd of="$2" bs=1M seek=$((k * QUARTER >> 20)) conv=notrunc status=none &
+                dd of="$2" bs=1M seek=$((k * slice >> 20)) conv=notrunc status=none &
         fi
         pids+=($!)
     done
@@ -249,7 +252,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
             rm -f "$DST"; truncate -s "$BYTES" "$DST"
             serve_image "$DST" "k$rep$flags"
             sync
-            timed_curl "write-$flags/curl" curl_put4 "k$rep$flags"
+            timed_curl "write-$flags/curl" curl_put "k$rep$flags"
             stop "$QPID"; QPID=
             check_dst "write-$flags/curl"
         fi
@@ -284,9 +287,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
         fi
     done
     rm -f "$DST"; truncate -s "$BYTES" "$DST"
-    timed_curl download/curl curl_get4 "r$rep" "$DST"
+    timed_curl download/curl curl_get "r$rep" "$DST"
     check_dst download/curl
-    timed_curl download/curl-null curl_get4 "r$rep" null
+    timed_curl download/curl-null curl_get "r$rep" null
     stop "$QPID"; QPID=
     fi
 
@@ -403,7 +406,8 @@ for row in write-v2v:1.2 download:1.5; do
     [ "$c" = - ] && continue
     extra=
     [ $key = download ] && extra=", into /dev/null $(med "${MB[download/curl-null]:-}") MB/s"
-    echo "curl's own figure: $key by curl through the daemon's unix socket (4 requests of a quarter each): $c MB/s$extra;" \
+    streams=$GET_STREAMS; [ $key = write-v2v ] && streams=$PUT_STREAMS
+    echo "curl's own figure: $key by curl through the daemon's unix socket ($streams requests at once): $c MB/s$extra;" \
         "the target ${target}x the peer is $( [ "$p" = - ] && echo - || echo "scale=1; $target * $p / 1" | bc) MB/s, curl at $(ratio "$c" "$p")x the peer"
 done
 echo "limits: TCP loopback ${LOOP} MB/s, page cache read ${CACHE} MB/s, disk O_DIRECT read ${DREAD} MB/s, write ${DWRITE} MB/s"
