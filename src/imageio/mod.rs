@@ -241,17 +241,16 @@ impl From<ApiError> for Failure {
     }
 }
 
-/// Query parameters (first value wins; no percent-decoding is needed for
-/// the values this API takes).
+/// Query parameters, decoded as form data as imageio's `parse_qs` does
+/// (first value wins).
 #[derive(Debug, Default)]
 pub(crate) struct Query(HashMap<String, String>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
         let mut map = HashMap::new();
-        for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            map.entry(k.to_string()).or_insert_with(|| v.to_string());
+        for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+            map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
         }
         Query(map)
     }
@@ -603,9 +602,10 @@ mod tests {
 
     #[test]
     fn query_first_wins() {
-        let q = Query::parse(Some("flush=n&flush=y&close"));
+        let q = Query::parse(Some("flush=n&flush=y&close&&context=di%72ty"));
         assert_eq!(q.get("flush"), Some("n"));
         assert_eq!(q.get("close"), Some(""));
+        assert_eq!(q.get("context"), Some("dirty"));
         assert_eq!(q.get("x"), None);
     }
 }

@@ -772,17 +772,10 @@ fn local_socket(url: &str, socket: Option<&str>) -> Option<PathBuf> {
     if socket.is_empty() || socket.starts_with('\0') {
         return None;
     }
-    let host = url
-        .split("://")
-        .nth(1)?
-        .split('/')
-        .next()?
-        .rsplit_once(':')
-        .map_or_else(|| url.split("://").nth(1).unwrap_or(""), |(h, _)| h)
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string();
-    let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1")
-        || hostname().is_some_and(|h| h == host);
+    let uri: hyper::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let local =
+        matches!(host, "localhost" | "127.0.0.1" | "::1") || hostname().is_some_and(|h| h == host);
     let path = PathBuf::from(socket);
     (local && path.exists()).then_some(path)
 }
@@ -796,11 +789,11 @@ fn hostname() -> Option<String> {
 /// `https://host:port/images/T` → `http://localhost/images/T` for the
 /// unix socket (which speaks plain HTTP).
 fn rebase_to_unix(url: &str) -> String {
-    let path = url
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.find('/').map(|i| &rest[i..]))
-        .unwrap_or("/");
+    let uri = url.parse::<hyper::Uri>().ok();
+    let path = uri
+        .as_ref()
+        .and_then(hyper::Uri::path_and_query)
+        .map_or("/", |p| p.as_str());
     format!("http://localhost{path}")
 }
 
@@ -814,6 +807,10 @@ mod tests {
             rebase_to_unix("https://host.example:54322/images/abc"),
             "http://localhost/images/abc"
         );
+        assert_eq!(
+            rebase_to_unix("https://[::1]:54322/images/abc?x=1"),
+            "http://localhost/images/abc?x=1"
+        );
     }
 
     #[test]
@@ -825,6 +822,9 @@ mod tests {
         assert!(local_socket("http://127.0.0.1:1234/images/x", Some(s)).is_some());
         assert!(local_socket("http://[::1]:1234/images/x", Some(s)).is_some());
         assert!(local_socket("http://10.1.2.3:1234/images/x", Some(s)).is_none());
+        assert!(local_socket("http://localhost/images/x", Some(s)).is_some());
+        assert!(local_socket("http://127.0.0.1.example/images/x", Some(s)).is_none());
+        assert!(local_socket("not a url", Some(s)).is_none());
         assert!(
             local_socket("http://127.0.0.1:1/images/x", Some("\0/org/ovirt/imageio")).is_none()
         );
