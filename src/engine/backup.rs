@@ -305,18 +305,31 @@ pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Res
         }
     }
     let mut paths = Vec::new();
-    for d in &ids {
-        match state.db.disk(d)? {
-            None => {}
-            Some(disk) if disk.status == DiskStatus::Locked => {
-                return Err(Error::Conflict(format!(
-                    "Cannot remove checkpoint {id}: disk {d} is locked. Please try again in a few minutes."
-                )));
+    let _removing = {
+        // Checked and claimed at once against transfers (see
+        // `removing_bitmaps`).
+        let mut removing = state
+            .removing_bitmaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for d in &ids {
+            match state.db.disk(d)? {
+                None => {}
+                Some(disk) if disk.status == DiskStatus::Locked || removing.contains(d) => {
+                    return Err(Error::Conflict(format!(
+                        "Cannot remove checkpoint {id}: disk {d} is locked. Please try again in a few minutes."
+                    )));
+                }
+                Some(_) if cp.disks.contains(d) => paths.push(state.images.path(d)),
+                Some(_) => {}
             }
-            Some(_) if cp.disks.contains(d) => paths.push(state.images.path(d)),
-            Some(_) => {}
         }
-    }
+        removing.extend(cp.disks.iter().cloned());
+        RemovingBitmaps {
+            state: state.as_ref(),
+            disks: cp.disks.clone(),
+        }
+    };
     let name = cp.id.clone();
     tokio::task::spawn_blocking(move || {
         for p in paths {
@@ -329,6 +342,26 @@ pub async fn remove_checkpoint(state: &Arc<State>, vm_id: &str, id: &str) -> Res
     state.db.delete_checkpoint(&cp.id)?;
     tracing::info!(checkpoint = %cp.id, vm = %vm_id, "checkpoint removed");
     Ok(())
+}
+
+/// Disks whose bitmaps a checkpoint removal is removing; released when
+/// it ends, however it ends.
+struct RemovingBitmaps<'a> {
+    state: &'a State,
+    disks: Vec<String>,
+}
+
+impl Drop for RemovingBitmaps<'_> {
+    fn drop(&mut self) {
+        let mut removing = self
+            .state
+            .removing_bitmaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for d in &self.disks {
+            removing.remove(d);
+        }
+    }
 }
 
 /// Start the driver of backup `id` (at add, and at engine start for every

@@ -217,6 +217,11 @@ pub(crate) struct State {
     /// Per VM: held by a backup's start and a checkpoint's removal, so
     /// neither runs between the other's checks and its changes.
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Disks whose checkpoint bitmaps are being removed. A transfer's
+    /// disk lock is taken under this mutex, and a removal checks the locks
+    /// and fills the set under it: a transfer never starts on a disk whose
+    /// bitmap is being removed, nor a removal on a disk being transferred.
+    removing_bitmaps: Mutex<std::collections::HashSet<String>>,
     shutdown: Shutdown,
 }
 
@@ -438,6 +443,7 @@ impl Engine {
             base: "/ovirt-engine/api".to_string(),
             wakers: Mutex::new(HashMap::new()),
             vm_locks: Mutex::new(HashMap::new()),
+            removing_bitmaps: Mutex::new(std::collections::HashSet::new()),
             shutdown,
         });
         for t in state.db.transfers()? {
@@ -1046,6 +1052,19 @@ mod tests {
         (vm, disk)
     }
 
+    /// An engine on a fake control API ticking every 20 ms, with a VM
+    /// whose disk is enabled for incremental backup; the temp dir lives as
+    /// long as it is kept.
+    async fn backup_engine() -> (Arc<State>, tempfile::TempDir, model::Vm, model::Disk) {
+        let timing = Timing {
+            tick: Duration::from_millis(20),
+            ..Timing::default()
+        };
+        let (state, _seen, dir) = engine_with_fake(Fake::default(), timing).await;
+        let (vm, disk) = vm_with_incremental_disk(&state);
+        (state, dir, vm, disk)
+    }
+
     fn from_checkpoint(id: &str) -> xml::BackupIn {
         xml::BackupIn {
             from_checkpoint_id: Some(id.to_string()),
@@ -1082,12 +1101,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_removal_and_a_backup_from_it_exclude_each_other() {
-        let timing = Timing {
-            tick: Duration::from_millis(20),
-            ..Timing::default()
-        };
-        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
-        let (vm, disk) = vm_with_incremental_disk(&state);
+        let (state, _dir, vm, disk) = backup_engine().await;
         let image = state.images.path(&disk.id);
         let has = |cp: &str| qemu::bitmaps(&image).unwrap().iter().any(|b| b == cp);
         let cp1 = run_backup(&state, &vm, None).await;
@@ -1144,12 +1158,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_is_not_removed_while_a_disk_of_the_vm_is_locked() {
-        let timing = Timing {
-            tick: Duration::from_millis(20),
-            ..Timing::default()
-        };
-        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
-        let (vm, _disk) = vm_with_incremental_disk(&state);
+        let (state, _dir, vm, _disk) = backup_engine().await;
         let cp = run_backup(&state, &vm, None).await;
         // A raw disk attached after the checkpoint, locked by an upload.
         let (raw, _t) = disk_and_transfer(&state, Some("0"));
@@ -1162,14 +1171,63 @@ mod tests {
         state.shutdown.trigger();
     }
 
+    /// An upload of a disk and the removal of a checkpoint holding its
+    /// bitmap, at once, in either order: exactly one goes ahead, and the
+    /// other is refused (409) without leaving anything behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_and_a_checkpoint_removal_of_its_disk_exclude_each_other() {
+        let (state, _dir, vm, disk) = backup_engine().await;
+        let image = state.images.path(&disk.id);
+        let has = |cp: &str| qemu::bitmaps(&image).unwrap().iter().any(|b| b == cp);
+        let upload = || {
+            let req = xml::ImageTransferIn {
+                disk: Some(xml::IdRef {
+                    id: Some(disk.id.clone()),
+                    name: None,
+                }),
+                inactivity_timeout: Some("0".into()),
+                ..Default::default()
+            };
+            async { transfer::add(&state, req) }
+        };
+        let locked =
+            || state.db.disk(&disk.id).unwrap().unwrap().status == model::DiskStatus::Locked;
+
+        // The removal first: it claims the disk before its bitmaps go.
+        let cp1 = run_backup(&state, &vm, None).await;
+        let (removed, added) =
+            tokio::join!(backup::remove_checkpoint(&state, &vm.id, &cp1), upload(),);
+        removed.unwrap();
+        match added {
+            Err(Error::Conflict(m)) => assert!(m.contains("being removed"), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert!(!has(&cp1));
+        assert!(!locked(), "the refused upload locked nothing");
+        assert!(state.removing_bitmaps.lock().unwrap().is_empty());
+
+        // The upload first: the removal sees the disk locked.
+        let cp2 = run_backup(&state, &vm, None).await;
+        let (added, removed) =
+            tokio::join!(upload(), backup::remove_checkpoint(&state, &vm.id, &cp2),);
+        let t = added.unwrap();
+        match removed {
+            Err(Error::Conflict(m)) => assert!(m.contains(&disk.id), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert!(has(&cp2));
+        assert!(state.db.checkpoint(&cp2).unwrap().is_some());
+        assert!(locked());
+        assert!(state.removing_bitmaps.lock().unwrap().is_empty());
+        transfer::act(&state, &t.id, transfer::Action::Cancel)
+            .await
+            .unwrap();
+        state.shutdown.trigger();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_incremental_backup_whose_bitmap_is_gone_is_refused() {
-        let timing = Timing {
-            tick: Duration::from_millis(20),
-            ..Timing::default()
-        };
-        let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
-        let (vm, disk) = vm_with_incremental_disk(&state);
+        let (state, _dir, vm, disk) = backup_engine().await;
         let cp = run_backup(&state, &vm, None).await;
         // Behind the engine's back.
         qemu::remove_bitmap(&state.images.path(&disk.id), &cp).unwrap();

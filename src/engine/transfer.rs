@@ -132,6 +132,16 @@ pub fn add(state: &Arc<State>, req: ImageTransferIn) -> Result<Transfer> {
         backup_id: backup.map(|b| b.id).unwrap_or_default(),
     };
     if t.backup_id.is_empty() {
+        let removing = state
+            .removing_bitmaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if removing.contains(&t.disk_id) {
+            return Err(Error::Conflict(format!(
+                "Cannot transfer Virtual Disk: Disk {} is locked (a checkpoint of its VM is being removed). Please try again in a few minutes.",
+                t.disk_id
+            )));
+        }
         state.db.insert_transfer_locking_disk(&t)?;
     } else {
         // The backup holds the disk's lock.
