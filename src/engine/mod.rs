@@ -621,7 +621,12 @@ mod tests {
         fail_delete: bool,
         /// PUT answers after this long.
         put_delay: Duration,
+        /// GET reports `transferred`: [`FAKE_TRANSFERRED`] (one test only).
+        report_transferred: bool,
     }
+
+    /// What a [`Fake`] with `report_transferred` reports.
+    static FAKE_TRANSFERRED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
     async fn fake_control(socket: PathBuf, fake: Fake) -> Arc<Mutex<Vec<(String, String)>>> {
         use http_body_util::{BodyExt, Full};
@@ -651,7 +656,12 @@ mod tests {
                             if method == "PUT" {
                                 tokio::time::sleep(fake.put_delay).await;
                             }
+                            let reported = format!(
+                                r#"{{"active": false, "connections": 0, "transferred": {}}}"#,
+                                FAKE_TRANSFERRED.load(std::sync::atomic::Ordering::SeqCst)
+                            );
                             let (status, reply) = match method.as_str() {
+                                "GET" if fake.report_transferred => (200, reported.as_str()),
                                 "GET" => (200, r#"{"active": false, "connections": 0}"#),
                                 "DELETE" if fake.fail_delete => (409, "busy"),
                                 "DELETE" => (204, ""),
@@ -660,7 +670,7 @@ mod tests {
                             Ok::<_, std::convert::Infallible>(
                                 hyper::Response::builder()
                                     .status(status)
-                                    .body(Full::new(bytes::Bytes::from(reply)))
+                                    .body(Full::new(bytes::Bytes::from(reply.to_string())))
                                     .unwrap(),
                             )
                         }
@@ -797,6 +807,48 @@ mod tests {
         assert_eq!(calls("DELETE"), 1);
         assert!(state.db.disk(&disk.id).unwrap().is_none());
         assert!(!state.images.path(&disk.id).exists());
+        state.shutdown.trigger();
+    }
+
+    /// A transfer finalized before the engine polled its ticket again
+    /// still records the bytes the data server counted last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finalize_records_the_last_transferred() {
+        let timing = Timing {
+            // No poll but the ones the test asks for.
+            tick: Duration::from_secs(3600),
+            ..Timing::default()
+        };
+        let fake = Fake {
+            report_transferred: true,
+            ..Fake::default()
+        };
+        let (state, seen, _dir) = engine_with_fake(fake, timing).await;
+        let (_disk, t) = disk_and_transfer(&state, Some("0"));
+        let current = || state.db.transfer(&t.id).unwrap().unwrap();
+        wait_for("transferring", || {
+            current().phase == model::Phase::Transferring
+        })
+        .await;
+        state.wake(&t.id);
+        let gets = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(m, _)| m == "GET")
+                .count()
+        };
+        wait_for("a poll", || gets() >= 1).await;
+        assert_eq!(current().transferred, 0);
+        FAKE_TRANSFERRED.store(777, std::sync::atomic::Ordering::SeqCst);
+        transfer::act(&state, &t.id, transfer::Action::Finalize)
+            .await
+            .unwrap();
+        wait_for("finished_success", || {
+            current().phase == model::Phase::FinishedSuccess
+        })
+        .await;
+        assert_eq!(current().transferred, 777);
         state.shutdown.trigger();
     }
 
