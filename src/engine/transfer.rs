@@ -338,16 +338,17 @@ const CLEANUP_TRIES: u32 = 3;
 /// (finalize must not report success with the ticket still open).
 async fn release(state: &State, t: &Transfer, give_up: bool) -> Result<()> {
     if t.ticket_installed {
+        let ctl = control(state, t);
         // The last progress, for the record: a transfer that ended within
         // a tick was never polled (best effort: the removal goes on).
-        if let Ok(ctl) = control(state, t) {
+        if let Ok(ctl) = &ctl {
             if let Ok(Some(status)) = ctl.get(&t.ticket_id).await {
                 if let Some(bytes) = status.transferred {
                     cas(state, &t.id, t.phase, |n| n.transferred = bytes)?;
                 }
             }
         }
-        let deleted = async { control(state, t)?.delete(&t.ticket_id).await }.await;
+        let deleted = async { ctl?.delete(&t.ticket_id).await }.await;
         if let Err(e) = deleted {
             if !give_up || t.failures + 1 < CLEANUP_TRIES {
                 cas(state, &t.id, t.phase, |n| n.failures += 1)?;

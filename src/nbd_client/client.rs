@@ -173,7 +173,7 @@ impl NbdClient {
                     address: address.to_string(),
                     source,
                 })?;
-            crate::net::accept::prepare_unix(&stream);
+            crate::net::socket::prepare_unix(&stream);
             Self::over_with(stream, address, options, deadline).await
         }
         .instrument(span)

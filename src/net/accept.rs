@@ -61,50 +61,20 @@ impl Acceptor for UnixListener {
 
     async fn accept(&self) -> io::Result<(UnixStream, String)> {
         let (stream, _) = UnixListener::accept(self).await?;
-        prepare_unix(&stream);
+        super::socket::prepare_unix(&stream);
         Ok((stream, "unix".to_string()))
-    }
-}
-
-/// Send buffer asked for on unix stream sockets that carry data.
-pub const UNIX_SEND_BUFFER: usize = 1 << 20;
-
-/// A larger send buffer on a unix stream socket: the default (about
-/// 208 KiB) is smaller than one 256 KiB NBD reply or a PUT's body piece,
-/// so every such write would stop half-way and wait for the peer. The
-/// kernel caps the size at `net.core.wmem_max`; a failure is logged and
-/// otherwise ignored.
-pub fn prepare_unix(stream: &UnixStream) {
-    if let Err(e) = socket2::SockRef::from(stream).set_send_buffer_size(UNIX_SEND_BUFFER) {
-        tracing::debug!(error = %e, "cannot set SO_SNDBUF");
     }
 }
 
 /// Turn on TCP keepalive and `TCP_NODELAY` on an accepted socket. A
 /// failure is logged and otherwise ignored: the connection still works.
 pub fn prepare_tcp(stream: &TcpStream) {
-    tune_tcp(
+    super::socket::tune_tcp(
         stream,
         KEEPALIVE_TIME,
         KEEPALIVE_INTERVAL,
         KEEPALIVE_RETRIES,
     );
-}
-
-/// Turn on `TCP_NODELAY` and TCP keepalive (first probe after `time` idle,
-/// then every `interval`, dropped after `retries` unanswered) on a
-/// connected socket. A failure is logged and otherwise ignored.
-pub fn tune_tcp(stream: &TcpStream, time: Duration, interval: Duration, retries: u32) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(time)
-        .with_interval(interval)
-        .with_retries(retries);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-        tracing::debug!(error = %e, "cannot set TCP keepalive");
-    }
 }
 
 /// How a listener is served.
@@ -259,7 +229,10 @@ mod tests {
             assert!(ours > default, "SO_SNDBUF {ours}, default {default}");
         }
         // The kernel doubles what it grants and grants at most wmem_max.
-        assert!(ours <= 2 * UNIX_SEND_BUFFER.max(default), "{ours}");
+        assert!(
+            ours <= 2 * super::super::socket::UNIX_SEND_BUFFER.max(default),
+            "{ours}"
+        );
     }
 
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

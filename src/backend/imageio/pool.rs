@@ -150,7 +150,7 @@ impl Target {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(|e| context("cannot connect", e))?;
-                crate::net::accept::prepare_unix(&stream);
+                crate::net::socket::prepare_unix(&stream);
                 handshake(stream).await?
             }
             (None, tls) => {
@@ -218,7 +218,7 @@ fn context(what: &str, e: std::io::Error) -> std::io::Error {
 /// TCP_NODELAY and our client keepalive; a failure is logged and
 /// otherwise ignored.
 fn prepare_tcp(stream: &tokio::net::TcpStream) {
-    crate::net::accept::tune_tcp(
+    crate::net::socket::tune_tcp(
         stream,
         KEEPALIVE_TIME,
         KEEPALIVE_INTERVAL,
