@@ -729,22 +729,45 @@ mod tests {
         (engine.state.clone(), seen, dir)
     }
 
+    /// A new 1 MiB disk: its image made, its row stored.
+    fn new_disk(
+        state: &Arc<State>,
+        name: &str,
+        format: model::Format,
+        backup: model::DiskBackup,
+    ) -> model::Disk {
+        let disk = model::Disk {
+            id: model::new_id(),
+            name: name.into(),
+            description: String::new(),
+            format,
+            provisioned_size: 1 << 20,
+            status: model::DiskStatus::Ok,
+            backup,
+        };
+        state.images.create(&disk).unwrap();
+        state.db.insert_disk(&disk).unwrap();
+        disk
+    }
+
+    /// A new VM with `disk` attached.
+    fn vm_with(state: &Arc<State>, disk: &model::Disk) -> model::Vm {
+        let vm = model::Vm {
+            id: model::new_id(),
+            name: "vm".into(),
+            description: String::new(),
+        };
+        state.db.insert_vm(&vm).unwrap();
+        state.db.attach_disk(&vm.id, &disk.id).unwrap();
+        vm
+    }
+
     /// A new 1 MiB raw disk and an upload transfer of it.
     fn disk_and_transfer(
         state: &Arc<State>,
         inactivity: Option<&str>,
     ) -> (model::Disk, model::Transfer) {
-        let disk = model::Disk {
-            id: model::new_id(),
-            name: "d".into(),
-            description: String::new(),
-            format: model::Format::Raw,
-            provisioned_size: 1 << 20,
-            status: model::DiskStatus::Ok,
-            backup: model::DiskBackup::None,
-        };
-        state.images.create(&disk).unwrap();
-        state.db.insert_disk(&disk).unwrap();
+        let disk = new_disk(state, "d", model::Format::Raw, model::DiskBackup::None);
         let req = xml::ImageTransferIn {
             disk: Some(xml::IdRef {
                 id: Some(disk.id.clone()),
@@ -1039,24 +1062,8 @@ mod tests {
             ..Timing::default()
         };
         let (state, _seen, _dir) = engine_with_fake(Fake::default(), timing).await;
-        let disk = model::Disk {
-            id: model::new_id(),
-            name: "b".into(),
-            description: String::new(),
-            format: model::Format::Raw,
-            provisioned_size: 1 << 20,
-            status: model::DiskStatus::Ok,
-            backup: model::DiskBackup::None,
-        };
-        state.images.create(&disk).unwrap();
-        state.db.insert_disk(&disk).unwrap();
-        let vm = model::Vm {
-            id: model::new_id(),
-            name: "vm".into(),
-            description: String::new(),
-        };
-        state.db.insert_vm(&vm).unwrap();
-        state.db.attach_disk(&vm.id, &disk.id).unwrap();
+        let disk = new_disk(&state, "b", model::Format::Raw, model::DiskBackup::None);
+        let vm = vm_with(&state, &disk);
         let b = backup::add(&state, &vm.id, xml::BackupIn::default())
             .await
             .unwrap();
@@ -1083,25 +1090,13 @@ mod tests {
 
     /// A VM with one 1 MiB QCOW2 disk enabled for incremental backup.
     fn vm_with_incremental_disk(state: &Arc<State>) -> (model::Vm, model::Disk) {
-        let disk = model::Disk {
-            id: model::new_id(),
-            name: "inc".into(),
-            description: String::new(),
-            format: model::Format::Cow,
-            provisioned_size: 1 << 20,
-            status: model::DiskStatus::Ok,
-            backup: model::DiskBackup::Incremental,
-        };
-        state.images.create(&disk).unwrap();
-        state.db.insert_disk(&disk).unwrap();
-        let vm = model::Vm {
-            id: model::new_id(),
-            name: "vm".into(),
-            description: String::new(),
-        };
-        state.db.insert_vm(&vm).unwrap();
-        state.db.attach_disk(&vm.id, &disk.id).unwrap();
-        (vm, disk)
+        let disk = new_disk(
+            state,
+            "inc",
+            model::Format::Cow,
+            model::DiskBackup::Incremental,
+        );
+        (vm_with(state, &disk), disk)
     }
 
     /// An engine on a fake control API ticking every 20 ms, with a VM

@@ -180,14 +180,8 @@ impl Backup {
     fn start(f: &Fixture, dir: &Path, extra: &[&str], disks: usize) -> Backup {
         let sock = dir.join("backup.sock");
         let log = dir.join("backup.log");
-        let mut cmd = Command::new(bin());
-        cmd.arg("serve")
-            .args(f.serve_args())
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--backup", VM])
-            .args(extra)
-            .stderr(std::fs::File::create(&log).unwrap());
+        let mut cmd = f.backup_cmd(&sock);
+        cmd.args(extra).stderr(std::fs::File::create(&log).unwrap());
         let serve = Proc::start_announcing("nbdbridge serve --backup", cmd);
         let uri = serve.first_line.clone();
         assert!(uri.starts_with("nbd+unix:///?socket="), "{uri}");
@@ -379,6 +373,18 @@ impl Fixture {
         let out = f(&api);
         stop(engine);
         out
+    }
+
+    /// `serve --backup VM` on `sock`, with the engine found as
+    /// [`Fixture::serve_args`] says.
+    fn backup_cmd(&self, sock: &Path) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .args(self.serve_args())
+            .arg("--socket")
+            .arg(sock)
+            .args(["--backup", VM]);
+        cmd
     }
 
     /// Where serve finds the engine: the data dir, or the running engine.
@@ -747,12 +753,9 @@ fn a_backup_from_a_removed_checkpoint_is_refused_and_leaves_none_running() {
             "remove {first}: {status} {xml}"
         );
     });
-    let out = Command::new(bin())
-        .arg("serve")
-        .args(f.serve_args())
-        .arg("--socket")
-        .arg(dir.join("refused.sock"))
-        .args(["--backup", VM, "--from-checkpoint", first.as_str()])
+    let out = f
+        .backup_cmd(&dir.join("refused.sock"))
+        .args(["--from-checkpoint", first.as_str()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -777,6 +780,16 @@ fn a_backup_from_a_removed_checkpoint_is_refused_and_leaves_none_running() {
     assert!(!third.is_empty() && third != second);
 }
 
+/// A `--run` command that copies every disk, found by `$disks` and
+/// `$uris` alone, into `DIR/DISK_ID.out` (exit 1 at the first failure).
+fn copy_every_disk(dir: &Path) -> String {
+    format!(
+        "set -- $uris && for disk in $disks; do \
+         nbdcopy \"$1\" \"{}/$disk.out\" || exit 1; shift; done && test $# = 0",
+        dir.display()
+    )
+}
+
 /// `serve --backup VM --run CMD`: a CMD that copies every disk (found by
 /// `$disks` and `$uris`, or by hand) ends the backup with exit 0 and the
 /// checkpoint line; a CMD that exits 0 having
@@ -790,12 +803,8 @@ fn run_copies_every_disk_or_the_backup_is_incomplete() {
     let dir = tmp.path();
     let f = fixture(dir, Site::Embedded);
     let run = |cmd: String| {
-        Command::new(bin())
-            .arg("serve")
-            .args(f.serve_args())
-            .arg("--socket")
-            .arg(dir.join("run.sock"))
-            .args(["--backup", VM, "--run", cmd.as_str()])
+        f.backup_cmd(&dir.join("run.sock"))
+            .args(["--run", cmd.as_str()])
             .output()
             .unwrap()
     };
@@ -809,9 +818,9 @@ fn run_copies_every_disk_or_the_backup_is_incomplete() {
 
     // Every disk by the variables alone: `$disks` and `$uris` pair up.
     let out = run(format!(
-        "echo \"$backup\" > '{d}/backup.id' && set -- $uris && for disk in $disks; do \
-         nbdcopy \"$1\" \"{d}/$disk.out\" || exit 1; shift; done; test $# = 0",
-        d = dir.display()
+        "echo \"$backup\" > '{}/backup.id' && {}",
+        dir.display(),
+        copy_every_disk(dir)
     ));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -881,17 +890,8 @@ fn host_pins_the_backup_transfers() {
         first_id(&xml).expect("a host").to_string()
     });
     let run = |host: &str| {
-        Command::new(bin())
-            .arg("serve")
-            .args(f.serve_args())
-            .arg("--socket")
-            .arg(dir.join("host.sock"))
-            .args(["--backup", VM, "--host", host, "--run"])
-            .arg(format!(
-                "set -- $uris && for disk in $disks; do \
-                 nbdcopy \"$1\" '{}/'\"$disk.out\" || exit 1; shift; done",
-                dir.display()
-            ))
+        f.backup_cmd(&dir.join("host.sock"))
+            .args(["--host", host, "--run", &copy_every_disk(dir)])
             .output()
             .unwrap()
     };

@@ -10,6 +10,8 @@ import sys
 
 import nbd
 
+from nbdtest import wait_all
+
 uri, size, model_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 K = 64 * 1024
 model = bytearray(size)
@@ -24,23 +26,6 @@ def connect():
     h = nbd.NBD()
     h.connect_uri(uri)
     return h
-
-
-def wait_all(h, cookies):
-    """Wait for every command; return {index: errno (0 = ok)}."""
-    results = {}
-    while len(results) < len(cookies):
-        for i, c in enumerate(cookies):
-            if i in results:
-                continue
-            try:
-                if h.aio_command_completed(c):
-                    results[i] = 0
-            except nbd.Error as e:
-                results[i] = e.errno or -1
-        if len(results) < len(cookies):
-            h.poll(-1)
-    return results
 
 
 def aio_writes(h, writes):

@@ -48,6 +48,27 @@ def eq(got, want, what):
         raise AssertionError(f"{what}: expected {want!r}, got {got!r}")
 
 
+def wait_all(h, cookies):
+    """Wait for every command of h; return {index: errno number (0 = ok)}."""
+    results = {}
+    while len(results) < len(cookies):
+        for i, c in enumerate(cookies):
+            if i in results:
+                continue
+            try:
+                if h.aio_command_completed(c):
+                    results[i] = 0
+            except nbd.Error as e:
+                # libnbd may give the errno's name ("EIO"): its number.
+                code = e.errno
+                if isinstance(code, str):
+                    code = getattr(errno, code, -1)
+                results[i] = code or -1
+        if len(results) < len(cookies):
+            h.poll(-1)
+    return results
+
+
 def errno_name(num):
     return errno.errorcode.get(num, str(num))
 
