@@ -13,6 +13,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$repo/benches/lib.sh"
 size_mib=${1:-2048}
 size=$((size_mib * 1024 * 1024))
 py=$repo/.venv/bin/python
@@ -23,7 +25,7 @@ client=$repo/tests/imageio/client.py
     exit 1
 }
 cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-bin=$repo/target/release/nbdbridge
+bin=${CARGO_TARGET_DIR:-$repo/target}/release/nbdbridge
 
 work=$(mktemp -d /tmp/imageio-bench.XXXXXX)
 pids=()
@@ -45,25 +47,7 @@ mkdir -p "$work/ours" "$work/daemon/conf.d"
     --local-socket "$work/ours/local.sock" >"$work/ours/out" 2>"$work/ours/log" &
 pids+=($!)
 
-cat >"$work/daemon/conf.d/99-bench.conf" <<CONF
-[daemon]
-drop_privileges = false
-systemd_enable = false
-run_dir = $work/daemon
-[tls]
-enable = false
-[remote]
-host = 127.0.0.1
-port = 0
-[local]
-enable = true
-socket = $work/daemon/local.sock
-[control]
-transport = unix
-socket = $work/daemon/ctl.sock
-[handler_logfile]
-args = ('$work/daemon/daemon.log',)
-CONF
+imageio_daemon_conf "$work/daemon"
 "$repo/.venv/bin/ovirt-imageio" -c "$work/daemon" &
 pids+=($!)
 

@@ -40,6 +40,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 SIZE_MIB=${SIZE_MIB:-1024}
 ONLY=${ONLY:-write,download,url,embedded}
@@ -105,26 +107,7 @@ start() {
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # --- the real daemon, an nbd ticket over qemu-nbd ---------------------------
-mkdir -p "$WORK/daemon/conf.d"
-cat > "$WORK/daemon/conf.d/99-bench.conf" <<CONF
-[daemon]
-drop_privileges = false
-systemd_enable = false
-run_dir = $WORK/daemon
-[tls]
-enable = false
-[remote]
-host = 127.0.0.1
-port = 0
-[local]
-enable = true
-socket = $WORK/daemon/local.sock
-[control]
-transport = unix
-socket = $WORK/daemon/ctl.sock
-[handler_logfile]
-args = ('$WORK/daemon/daemon.log',)
-CONF
+imageio_daemon_conf "$WORK/daemon"
 "$REPO/.venv/bin/ovirt-imageio" -c "$WORK/daemon" & DPID=$!; PIDS+=("$DPID")
 for _ in $(seq 1 300); do grep -qs "Ready for requests" "$WORK/daemon/daemon.log" && break; sleep 0.1; done
 PORT=$(grep -o "remote.service listening on ('127.0.0.1', [0-9]*" "$WORK/daemon/daemon.log" | grep -o '[0-9]*$') ||
